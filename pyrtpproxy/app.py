@@ -45,6 +45,13 @@ class Server:
         self.dispatcher.on_schedule = self._poke_timer
         self.dispatcher.on_empty = self._drained
         self._closed = False
+        # Extensions (recording, playback, notifications, metrics...) add
+        # long-running tasks here: ``async def svc(*, task_status)``, started
+        # with nursery.start before the control sockets are served ...
+        self.services: list[Callable[..., Any]] = []
+        # ... and synchronous clean-ups, run after every session was closed
+        # (recordings flushed) and before the media engine stops.
+        self.closers: list[Callable[[], None]] = []
 
     # ---- lifecycle ------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -54,6 +61,8 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
+                for svc in self.services:
+                    await nursery.start(svc)
                 for b in self.bound:
                     await nursery.start(self._serve_one, b)
                 nursery.start_soon(self._timer)
@@ -96,6 +105,11 @@ class Server:
         try:
             self.dispatcher.close_all()
         finally:
+            for fn in reversed(self.closers):
+                try:
+                    fn()
+                except Exception:  # pragma: no cover
+                    log.exception("clean-up failed")
             self.engine.stop()
             for b in self.bound:
                 try:
@@ -188,8 +202,16 @@ def run(cfg: Any) -> int:
         print(f"rtpproxy: can't bind to a socket: {exc}", file=sys.stderr)
         return 1
     server = Server(settings, bound, dup_small=getattr(cfg, "dup_small", False))
+    attach_extensions(server, cfg)
     code = trio.run(_main, server)
     return code
+
+
+def attach_extensions(server: Server, cfg: Any) -> None:
+    """Wire the optional subsystems to ``server`` from the configuration.
+
+    One block per subsystem; each module owns its ``attach(server, cfg)``.
+    """
 
 
 async def _main(server: Server) -> int:

@@ -109,6 +109,7 @@ class Dispatcher:
         self.on_empty: Callable[[], None] = lambda: None  # drain finished
         self.on_timeout: Callable[[Session], None] = lambda s: None  # notify hook
         self._pps_sample = (clock(), 0)
+        self._lock: Any = None  # a trio.Lock, made on first use inside Trio
         # Hooks the recording/playback issues fill in.
         self.recording = None
         self.playback = None
@@ -121,6 +122,15 @@ class Dispatcher:
         self.counters.ncmds_rcvd_ndups += 1
 
     async def handle(self, data: bytes, peer_host: str | None = None) -> bytes:
+        """Run one command; commands never interleave (rtpproxy's global lock)."""
+        if self._lock is None:
+            import trio
+
+            self._lock = trio.Lock()
+        async with self._lock:
+            return await self._handle(data, peer_host)
+
+    async def _handle(self, data: bytes, peer_host: str | None) -> bytes:
         log.debug("received command \"%s\"", data.decode("utf-8", "replace").rstrip("\r\n"))
         try:
             cmd = self._parse(data, self.env)

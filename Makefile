@@ -1,0 +1,84 @@
+# pyrtpproxy developer targets.
+#
+#   make run         start the relay in the foreground on loopback
+#                    (make run ARGS="..." to pass other options)
+#   make test        unit tests + Kamailio compat tests. On a fresh Debian 12
+#                    run as root, it installs what the tests need
+#                    (kamailio, sip-tester, tshark, mandoc) with apt-get.
+#   make lint-man    check the man page with mandoc
+#
+# The virtualenv is $(VENV); it is created, and the package installed in it
+# (editable, with the test extras), the first time, or when pyproject.toml
+# changes.
+
+SHELL := /bin/bash
+.NOTPARALLEL:
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.pyrtpproxy-installed
+
+ARGS ?= -f -F -s udp:127.0.0.1:22222 -l 127.0.0.1 -m 35000 -M 35999
+PYTEST_ARGS ?= -q
+# Seconds: a hung test run is killed well before the 15-minute CI budget.
+TEST_TIMEOUT ?= 840
+
+APT_PACKAGES := kamailio sip-tester tshark mandoc
+KAMAILIO_RTPPROXY_SO ?= /usr/lib/x86_64-linux-gnu/kamailio/modules/rtpproxy.so
+
+.PHONY: help run test test-deps venv-deps lint-man
+
+help:
+	@sed -n '3,10p' Makefile | sed 's/^# \{0,1\}//'
+
+run: $(STAMP)
+	$(VENV)/bin/pyrtpproxy $(ARGS)
+
+test: test-deps $(STAMP)
+	timeout -k 30 $(TEST_TIMEOUT) $(VPY) -m pytest tests compat-tests $(PYTEST_ARGS)
+
+lint-man:
+	mandoc -Tlint man/rtpproxy.8
+
+# --- the virtualenv -----------------------------------------------------------
+
+$(VPY): | venv-deps
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(VPY)
+	$(VENV)/bin/pip install -e '.[test]'
+	@touch $@
+
+# --- system packages (installed only when running as root, with apt-get) ------
+
+# Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip).
+define need_python
+  if [ ! -x $(VPY) ] && ! $(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
+    pkgs="$$pkgs python3 python3-venv"; missing="$$missing python3-venv"; \
+  fi;
+endef
+
+define apt_install
+  if [ -z "$$pkgs" ]; then exit 0; fi; \
+  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+    echo "make: missing:$$missing (not root or no apt-get: not installing$$pkgs)" >&2; exit 0; \
+  fi; \
+  echo "make: missing:$$missing; installing$$pkgs" >&2; \
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$pkgs
+endef
+
+venv-deps:
+	@pkgs=; missing=; \
+	$(need_python) \
+	$(apt_install)
+
+test-deps:
+	@pkgs=; missing=; \
+	for c in kamailio sipp tshark mandoc; do \
+	  command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; \
+	done; \
+	[ -e $(KAMAILIO_RTPPROXY_SO) ] || missing="$$missing $(KAMAILIO_RTPPROXY_SO)"; \
+	if [ -n "$$missing" ]; then pkgs=" $(APT_PACKAGES)"; fi; \
+	$(need_python) \
+	$(apt_install)
