@@ -341,6 +341,7 @@ class UA:
         self._final_seen: set[tuple[int, str, int]] = set()
         self._last_ack: bytes | None = None
         self._pending: list[SipMessage] = []
+        self._invite: SipMessage | None = None
 
     @classmethod
     async def open(cls, name: str, proxy: tuple[str, int]) -> "UA":
@@ -406,8 +407,10 @@ class UA:
                 self.call_id is None or m.get("call-id") == self.call_id)
         return await self.next_message(f"{method} request", ok, timeout)
 
-    async def expect_final(self, cseq: int, method: str, timeout: float = 5) -> list[SipMessage]:
-        """All responses to (cseq, method) up to and including the final one."""
+    async def expect_final(self, cseq: int, method: str, timeout: float = 5,
+                           on_provisional=None) -> list[SipMessage]:
+        """All responses to (cseq, method) up to and including the final one.
+        on_provisional(response) is called for each 1xx as it arrives."""
         got: list[SipMessage] = []
 
         def ok(m: SipMessage) -> bool:
@@ -418,6 +421,8 @@ class UA:
                 got.append(r)
                 if r.status >= 200:
                     return got
+                if on_provisional is not None:
+                    on_provisional(r)
         raise SipError(f"UA {self.name}: no final response to {cseq} {method} within {timeout} s "
                        f"(got {[r.first_line for r in got]})")
 
@@ -466,16 +471,24 @@ class UA:
         return media
 
     # -- UAC side ------------------------------------------------------------
-    async def invite(self, target: "UA") -> tuple[list[SipMessage], list[SdpMedia]]:
-        """Send the initial INVITE to `target` (through the proxy), collect the
-        responses, ACK the 2xx.  Returns (responses, SDPs received)."""
+    async def send_invite(self, target: "UA", late_offer: bool = False) -> SipMessage:
+        """Send the initial INVITE to `target` (through the proxy), with an
+        SDP offer, or without one when late_offer."""
         self.call_id = f"{token(10)}@compat.test"
         self.local_uri = self.contact
         self.remote_uri = target.contact
         self.cseq += 1
-        req = self._request("INVITE", target.contact, self.cseq, self.sdp(), route=[])
-        await self._send(req.to_bytes(), self.proxy)
-        resps = await self.expect_final(self.cseq, "INVITE")
+        body = b"" if late_offer else self.sdp()
+        self._invite = self._request("INVITE", target.contact, self.cseq, body, route=[])
+        await self._send(self._invite.to_bytes(), self.proxy)
+        return self._invite
+
+    async def invite(self, target: "UA", on_provisional=None, late_offer: bool = False
+                     ) -> tuple[list[SipMessage], list[SdpMedia]]:
+        """Initial INVITE to `target`; collect the responses, ACK the 2xx (with
+        the SDP answer when late_offer).  Returns (responses, SDPs received)."""
+        await self.send_invite(target, late_offer)
+        resps = await self.expect_final(self.cseq, "INVITE", on_provisional=on_provisional)
         final = resps[-1]
         if final.status != 200:
             raise SipError(f"UA {self.name}: INVITE failed: {final.first_line}")
@@ -483,11 +496,39 @@ class UA:
         self.remote_tag = final.tag("to")
         self.remote_target = name_addr_uri(final.get("contact"))
         self.route_set = list(reversed(final.get_all("record-route")))
-        await self._ack(self.cseq)
+        await self._ack(self.cseq, self.sdp() if late_offer else b"")
         return resps, sdps
 
-    async def _ack(self, cseq: int) -> None:
-        ack = self._request("ACK", self.remote_target, cseq)
+    async def wait_ringing(self, timeout: float = 5) -> SdpMedia:
+        """After send_invite(): wait for a 180 with SDP; returns that SDP."""
+        r = await self.next_message(
+            "180 to the INVITE",
+            lambda m: (not m.is_request) and m.cseq == (self.cseq, "INVITE") and m.status == 180,
+            timeout)
+        return self._take_sdp(r)
+
+    async def cancel(self, timeout: float = 5) -> list[SipMessage]:
+        """CANCEL the pending initial INVITE; expect 200 to the CANCEL and 487
+        to the INVITE, and ACK the 487.  Returns (200, 487)."""
+        inv = self._invite
+        h = [(n, v) for n, v in inv.headers if n in ("via", "max-forwards", "from", "to", "call-id")]
+        h.append(("cseq", f"{self.cseq} CANCEL"))
+        cancel = SipMessage(f"CANCEL {inv.first_line.split()[1]} SIP/2.0", h)
+        await self._send(cancel.to_bytes(), self.proxy)
+
+        def is_resp(method):
+            return lambda m: (not m.is_request) and m.cseq == (self.cseq, method) and m.status >= 200
+        ok = await self.next_message("final response to CANCEL", is_resp("CANCEL"), timeout)
+        resp = await self.next_message("final response to the cancelled INVITE", is_resp("INVITE"), timeout)
+        if resp.status == 487:  # ACK for a non-2xx: same branch, the response's To
+            h = [(n, v) for n, v in inv.headers if n in ("via", "max-forwards", "from", "call-id")]
+            h += [("to", resp.get("to")), ("cseq", f"{self.cseq} ACK")]
+            self._last_ack = SipMessage(f"ACK {inv.first_line.split()[1]} SIP/2.0", h).to_bytes()
+            await self._send(self._last_ack, self.proxy)
+        return [ok, resp]
+
+    async def _ack(self, cseq: int, body: bytes = b"") -> None:
+        ack = self._request("ACK", self.remote_target, cseq, body)
         self._last_ack = ack.to_bytes()
         await self._send(self._last_ack, self.proxy)
 
@@ -512,9 +553,9 @@ class UA:
             raise SipError(f"UA {self.name}: BYE failed: {resps[-1].first_line}")
 
     # -- UAS side ------------------------------------------------------------
-    async def answer_invite(self, ringing_sdp: bool = True) -> tuple[SipMessage, SdpMedia]:
-        """Take the initial INVITE: 100, 180 (with SDP when ringing_sdp), 200
-        with SDP, then wait for the ACK.  Returns (INVITE, its SDP)."""
+    async def take_invite(self) -> tuple[SipMessage, SdpMedia | None]:
+        """Receive the initial INVITE, answer 100.  Returns (INVITE, its SDP
+        or None for a late offer)."""
         inv = await self.expect_request("INVITE")
         self.call_id = inv.get("call-id")
         self.local_uri = name_addr_uri(inv.get("to"))
@@ -522,13 +563,50 @@ class UA:
         self.remote_tag = inv.tag("from")
         self.remote_target = name_addr_uri(inv.get("contact"))
         self.route_set = inv.get_all("record-route")
-        media = self._take_sdp(inv)
+        media = self._take_sdp(inv) if inv.has_sdp else None
         await self.respond(inv, 100, "Trying")
-        body = self.sdp()
-        await self.respond(inv, 180, "Ringing", body if ringing_sdp else b"")
-        await self.respond(inv, 200, "OK", body)
-        await self.expect_request("ACK")
         return inv, media
+
+    async def answer_invite(self, ringing_sdp: bool = True, ringing_seen: trio.Event | None = None,
+                            timeout: float = 5) -> tuple[SipMessage, SdpMedia]:
+        """Take the initial INVITE: 100, 180 (with SDP when ringing_sdp and the
+        INVITE had an offer), 200 with SDP, then wait for the ACK.  Returns
+        (INVITE, the SDP received: the INVITE's, or the ACK's for a late offer).
+
+        When ringing_seen is given, the 200 is sent only once it is set (the
+        caller got the 180): Kamailio's UDP workers may otherwise forward a
+        200 sent right after the 180 first, and then drop the late 180."""
+        inv, media = await self.take_invite()
+        body = self.sdp()
+        await self.respond(inv, 180, "Ringing", body if ringing_sdp and media is not None else b"")
+        if ringing_seen is not None:
+            with trio.move_on_after(timeout):
+                await ringing_seen.wait()
+            if not ringing_seen.is_set():
+                raise SipError(f"UA {self.name}: the caller did not get the 180 within {timeout} s")
+        await self.respond(inv, 200, "OK", body)
+        ack = await self.expect_request("ACK")
+        if media is None:
+            media = self._take_sdp(ack)
+        return inv, media
+
+    async def ring(self) -> SdpMedia:
+        """Take the initial INVITE, answer 100 and 180 with SDP (early media).
+        Returns the INVITE's SDP."""
+        inv, media = await self.take_invite()
+        if media is None:
+            raise SipError(f"UA {self.name}: INVITE without SDP")
+        self._invite = inv
+        await self.respond(inv, 180, "Ringing", self.sdp())
+        return media
+
+    async def accept_cancel(self, timeout: float = 5) -> None:
+        """After ring(): wait for the CANCEL, answer 200 to it and 487 to the
+        INVITE, then wait for the proxy's ACK of the 487."""
+        cancel = await self.expect_request("CANCEL", timeout)
+        await self.respond(cancel, 200, "OK")
+        await self.respond(self._invite, 487, "Request Terminated")
+        await self.expect_request("ACK", timeout)
 
     async def answer_reinvite(self) -> SdpMedia:
         inv = await self.expect_request("INVITE")

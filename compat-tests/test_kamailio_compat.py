@@ -54,7 +54,14 @@ async def run_call(stack, *, reinvites: bool = True, bye_from: str = "A", packet
     b = await UA.open("B", stack.sip_addr)
     try:
         # INVITE (A's offer) -> 100 (Kamailio), 180 + SDP, 200 + SDP (B's answer), ACK
-        (resps, a_sdps), (_inv, b_sdp) = await both(a.invite(b), b.answer_invite())
+        ringing = trio.Event()
+
+        def provisional(r):
+            if r.status == 180:
+                ringing.set()
+
+        (resps, a_sdps), (_inv, b_sdp) = await both(a.invite(b, provisional),
+                                                    b.answer_invite(ringing_seen=ringing))
         call = f"{label} Call-ID {a.call_id} (A tag {a.local_tag}, B tag {b.local_tag})"
         check_relay_sdp(stack, b_sdp, b, a, f"{call}, INVITE")
         assert [r.status for r in resps if r.has_sdp] == [180, 200], (

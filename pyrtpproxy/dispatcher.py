@@ -300,7 +300,7 @@ class Dispatcher:
                 s, pidx = found
         else:
             if found is None:
-                log.info("lookup on unknown session %s", cmd.call_id)
+                log.info("lookup on unknown session, tags %s/%s", cmd.from_tag, cmd.to_tag, extra={"callid": cmd.call_id})
                 return "0"
             s, idx = found
             pidx = 1 - idx
@@ -314,7 +314,13 @@ class Dispatcher:
             self._allocate(rtp, other_iface, True)
             self.table.add(s)
             self.counters.nsess_created += 1
-            log.info("new session %s, tag %s; RTP port %d", cmd.call_id, cmd.from_tag, rtp.port)
+            log.info(
+                "new %s session, tag %s; RTP port %d",
+                "IPv6" if rtp.family == socket.AF_INET6 else "IPv4",
+                cmd.from_tag,
+                rtp.port,
+                extra={"callid": cmd.call_id},
+            )
         elif rtp.sock is None or cmd.mods.new_port:
             iface = rtp.pending_iface
             if iface is None or cmd.mods.local_addr or cmd.mods.local_label or cmd.mods.remote_addr:
@@ -363,7 +369,7 @@ class Dispatcher:
         if not ok and sock.startswith("tcp:%%CC_SELF%%:"):
             ok = sock in targets
         if not ok:
-            log.error("invalid socket name %s", sock)
+            log.error("invalid socket name %s", sock, extra={"callid": cmd.call_id})
             return
         s.notify_socket = sock
         s.notify_tag = cmd.notify_tag
@@ -464,7 +470,16 @@ class Dispatcher:
             c.nsess_nortcp += 1
         elif nrtcp == 1:
             c.nsess_owrtcp += 1
-        log.info("session %s, tag %s %s", s.call_id, s.tag, "timed out" if timeout else "deleted")
+        log.info(
+            "session on tag %s %s; RTP packets in %d/%d, relayed %d, dropped %d",
+            s.tag,
+            "timed out" if timeout else "deleted",
+            s.rtp[1].npkts_in,
+            s.rtp[0].npkts_in,
+            s.rtp[0].nrelayed + s.rtp[1].nrelayed,
+            s.rtp[0].ndropped + s.rtp[1].ndropped,
+            extra={"callid": s.call_id},
+        )
         if len(self.table) == 0 and self.draining:
             self.on_empty()
 

@@ -1,10 +1,12 @@
 """The media engine: one thread, one ``select.epoll``, every media socket.
 
-The control plane (Trio) never touches a media socket after binding it.  It
-hands work to the engine through a command queue (a deque of callables) and
-an eventfd that wakes the loop; the loop runs queued work before it looks at
-any packet of the same wake-up, so a U/L that was answered is always in force
-for the packets that follow it.
+The control plane (Trio) binds media sockets, registers them with the epoll
+set and closes them (epoll_ctl and close are thread-safe, and closing at once
+frees the port for the next allocation).  Every change to a stream's relay
+state goes through a command queue (a deque of callables) and an eventfd
+that wakes the loop; the loop runs queued work before it looks at any packet
+of the same wake-up, so a U/L that was answered is always in force for the
+packets that follow it.
 
 Per packet the loop does: ``recvfrom_into`` a preallocated buffer, a dict
 lookup from fd to its Stream, the latch fast path (source equals the latched
@@ -64,6 +66,22 @@ def bind_pair(family: int, addr: str | None, port: int, tos: int | None) -> tupl
             s.close()
         raise
     return socks[0], socks[1]
+
+
+def _log_latch(st: Stream, before: int) -> None:
+    who = "caller" if st.index == 1 else "callee"
+    what = "re-latched" if before else "latched in"
+    ssrc = "" if st.is_rtcp or st.ssrc is None else ", SSRC=0x%08X, Seq=%d" % (st.ssrc, st.seq)
+    log.info(
+        "%s's address %s: %s:%d (%s)%s",
+        who,
+        what,
+        st.remote[0],
+        st.remote[1],
+        "RTCP" if st.is_rtcp else "RTP",
+        ssrc,
+        extra={"callid": st.session.call_id},
+    )
 
 
 class MediaEngine:
@@ -126,7 +144,8 @@ class MediaEngine:
             os.close(self._wake_fd)
 
     def add(self, st: Stream) -> None:
-        self.call(self._add, st)
+        """Start serving ``st``'s socket (epoll_ctl is thread-safe)."""
+        self._add(st)
 
     def remove(self, st: Stream, *, final: bool = True) -> None:
         """Unregister and close ``st``'s current socket (in the media thread).
@@ -137,7 +156,11 @@ class MediaEngine:
         """
         if st.sock is None:
             return
-        self.call(self._close, st, st.sock, st.fd, final)
+        # Done here, synchronously, so the port can be bound again at once.
+        # The media thread may still hold the socket object from the current
+        # batch: a closed Python socket has fileno -1, so at worst it gets
+        # EBADF, never another socket's packets.
+        self._close(st, st.sock, st.fd, final)
 
     def totals(self) -> tuple[int, int, int]:
         """(received, relayed, dropped) over every stream, live and gone."""
@@ -236,10 +259,13 @@ class MediaEngine:
                         self.npkts_inactive += 1
                         continue
                     if src != st.remote or not st.latched:
+                        nlatch = st.nlatch
                         if not accept(st, src, buf, n, now):
                             st.ndropped += 1
                             self.npkts_foreign += 1
                             continue
+                        if st.nlatch != nlatch:
+                            _log_latch(st, nlatch)
                     elif not st.is_rtcp and n >= 12:
                         st.seq = (buf[2] << 8) | buf[3]
                     peer = st.peer

@@ -22,7 +22,6 @@ I/O, and no input makes it raise anything but ``RtppError``.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 
@@ -183,7 +182,7 @@ def _inet_aton_exact(b: bytes) -> int | None:
 
 
 def _ipv4_text(value: int) -> str:
-    return str(ipaddress.IPv4Address(value))
+    return socket.inet_ntoa(value.to_bytes(4, "big"))
 
 
 def _parse_ipv6(b: bytes, *, allow_scope: bool) -> tuple[bytes, str] | None:
@@ -204,7 +203,7 @@ def _parse_ipv6(b: bytes, *, allow_scope: bool) -> tuple[bytes, str] | None:
         packed = socket.inet_pton(socket.AF_INET6, b.decode("ascii"))
     except (UnicodeDecodeError, OSError, ValueError):
         return None
-    text = ipaddress.IPv6Address(packed).compressed
+    text = socket.inet_ntop(socket.AF_INET6, packed)
     if scope is not None:
         text = f"{text}%{scope}"
     return packed, text
