@@ -10,6 +10,10 @@ time:
 * Kamailio (Debian's package and its rtpproxy module) with
   compat-tests/kamailio.cfg, pointed at the first socket.
 
+Environment: COMPAT_RELAY (relay command), COMPAT_LOG_LEVEL (the relay's -d,
+default INFO), COMPAT_KEEP=1 (keep the logs in /tmp/pyrtpp-compat-* even when
+everything passed; they are always kept after a failure).
+
 Kamailio is started only once the relay answers `V` on both sockets: it
 probes the relay in child_init and disables one that does not answer.
 """
@@ -256,7 +260,7 @@ class Stack:
             "-l", LOOPBACK,
             "-m", str(self.port_min), "-M", str(self.port_max),
             "-p", str(self.tmpdir / "rtpproxy.pid"),
-            "-d", "INFO",
+            "-d", os.environ.get("COMPAT_LOG_LEVEL", "INFO"),
         ]
         self.relay = self._spawn(argv, self.relay_log)
 

@@ -12,6 +12,7 @@ section 5:
   port the receiver was given (symmetric relaying);
 * re-INVITEs from either side get the same ports back;
 * BYE deletes the session (Q then answers E50);
+* a late offer (SDP in the 200 and the ACK), and a CANCEL during early media;
 * 20 concurrent calls, media checked on every one.
 """
 
@@ -139,6 +140,59 @@ async def test_bye_from_callee(stack):
     """The callee hangs up: Kamailio sends D with B's tag first."""
     with trio.fail_after(20):
         await run_call(stack, reinvites=False, bye_from="B")
+
+
+async def test_late_offer(stack):
+    """INVITE without SDP: the offer is in B's 200 (U, B's tag first) and the
+    answer in A's ACK (L)."""
+    with trio.fail_after(20):
+        a = await UA.open("A", stack.sip_addr)
+        b = await UA.open("B", stack.sip_addr)
+        try:
+            (resps, a_sdps), (_inv, b_sdp) = await both(a.invite(b, late_offer=True), b.answer_invite())
+            call = f"late-offer call Call-ID {a.call_id} (A tag {a.local_tag}, B tag {b.local_tag})"
+            assert [r.status for r in resps if r.has_sdp] == [200], (
+                f"{call}: A expected SDP in the 200 only, got {[r.first_line for r in resps]}")
+            check_relay_sdp(stack, a_sdps[0], a, b, f"{call}, 200 with the offer")
+            check_relay_sdp(stack, b_sdp, b, a, f"{call}, ACK with the answer")
+            assert a_sdps[0].port != b_sdp.port, f"{call}: A and B were both given relay port {b_sdp.port}"
+            await check_media(a, b, PACKETS, call)
+            cmd = f"Q {a.call_id} {b.local_tag};1 {a.local_tag};1"  # B's U created it
+            q = await control(stack, cmd)
+            assert not q.startswith("E"), f"{call}: `{cmd}` during the call answered {q!r}"
+            await both(a.bye(), b.answer_bye())
+            q = await control(stack, cmd)
+            assert q == "E50", f"{call}: after the BYE, `{cmd}` answered {q!r}, not E50"
+        finally:
+            a.close()
+            b.close()
+
+
+async def test_cancel_while_ringing(stack):
+    """180 with SDP (early media flows), then CANCEL: Kamailio sends D with
+    A's tag only, the session is gone."""
+    with trio.fail_after(20):
+        a = await UA.open("A", stack.sip_addr)
+        b = await UA.open("B", stack.sip_addr)
+        try:
+            async def caller():
+                await a.send_invite(b)
+                return await a.wait_ringing()
+
+            a_sdp, b_sdp = await both(caller(), b.ring())
+            call = f"cancelled call Call-ID {a.call_id} (A tag {a.local_tag}, B tag {b.local_tag})"
+            check_relay_sdp(stack, b_sdp, b, a, f"{call}, INVITE")
+            check_relay_sdp(stack, a_sdp, a, b, f"{call}, 180 reply")
+            await check_media(a, b, 20, f"{call}, early media")
+            (ok, final), _ = await both(a.cancel(), b.accept_cancel())
+            assert (ok.status, final.status) == (200, 487), (
+                f"{call}: CANCEL got {ok.first_line!r}, the INVITE {final.first_line!r}")
+            cmd = f"Q {a.call_id} {a.local_tag};1 {b.local_tag};1"
+            q = await control(stack, cmd)
+            assert q == "E50", f"{call}: after the CANCEL, `{cmd}` answered {q!r}, not E50"
+        finally:
+            a.close()
+            b.close()
 
 
 async def test_concurrent_calls(stack):

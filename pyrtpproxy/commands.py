@@ -64,6 +64,7 @@ class SubLookup:
     port: str
     remote: tuple[str, int] | None  # numerically resolved, None on hold
     on_hold: bool = False
+    mods: ULMods = ULMods()
 
 
 @attrs.frozen
@@ -159,6 +160,8 @@ class Query:
     verbose: bool = False
     names: tuple[str, ...] = ()  # checked against the Q counter names
     subcommands: tuple[SubCommand, ...] = ()
+    # E19/E62 are reported only once the session was found (rtpproxy's order)
+    deferred_error: int | None = None
 
 
 @attrs.frozen

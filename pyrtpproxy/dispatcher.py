@@ -389,7 +389,7 @@ class Dispatcher:
                         port=sub.port,
                         from_tag=cmd.from_tag,
                         to_tag=cmd.to_tag,
-                        mods=C.ULMods(),
+                        mods=sub.mods,
                         remote=sub.remote,
                         on_hold=sub.on_hold,
                     )
@@ -531,6 +531,8 @@ class Dispatcher:
         found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
         if found is None:
             raise RtppError(ECode.SESUNKN)
+        if cmd.deferred_error is not None:
+            raise RtppError(cmd.deferred_error)
         s, idx = found
         pidx = 1 - idx
         vals: dict[str, float] = {

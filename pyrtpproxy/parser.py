@@ -541,7 +541,7 @@ def _parse_sub(
         except RtppError:
             raise _err(_E.PARSE_SUBC) from None
         return SubLookup(
-            addr=_s(args[1]), port=_s(args[2]), remote=remote, on_hold=on_hold
+            addr=_s(args[1]), port=_s(args[2]), remote=remote, on_hold=on_hold, mods=_mods
         )
     # "&& C call from to" (20260309) and "&& M<mod>:<inst>" (modules) are
     # not provided; anything else is not a sub-command.
@@ -607,15 +607,22 @@ def _parse_query(
     mods_b: bytes, args: list[bytes], subs: list[list[bytes]], env: ParseEnv
 ) -> Query:
     subcommands = _parse_subs(subs, "Q", len(args) > 3, env)
-    # rtpproxy checks these once the session is found (E50 first).
+    # rtpproxy checks these once the session is found (E50 first), so the
+    # code travels with the command and the dispatcher raises it after the
+    # lookup.
+    deferred = None
     for ch in mods_b:
         if ch not in b"vV":
-            raise _err(_E.PARSE_8)
+            deferred = int(_E.PARSE_8)
+            break
     names = tuple(_s(a) for a in args[4:])
-    for nm in names:
-        if nm not in QUERY_COUNTERS:
-            raise _err(_E.QRYFAIL)
+    if deferred is None:
+        for nm in names:
+            if nm not in QUERY_COUNTERS:
+                deferred = int(_E.QRYFAIL)
+                break
     return Query(
+        deferred_error=deferred,
         call_id=_s(args[1]),
         from_tag=_s(args[2]),
         to_tag=_opt(args, 3),

@@ -259,3 +259,12 @@ async def test_fd_count_back_to_baseline_after_1000_cycles(nursery):
     assert proc.num_fds() == base
     assert relay.server.engine.nsockets == 0
     assert all(t.free == t.size for t in relay.dispatcher.ports.values())
+
+
+async def test_query_errors_after_session_lookup(nursery):
+    relay = await start_relay(nursery)
+    assert await relay.cmd("Q nosuch f t bogus") == "E50"
+    assert await relay.cmd("Qx nosuch f t") == "E50"
+    await relay.cmd("U q 127.0.0.1 30000 f")
+    assert await relay.cmd("Q q f t bogus") == "E62"
+    assert await relay.cmd("Qx q f t") == "E19"
