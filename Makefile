@@ -30,7 +30,7 @@ KAMAILIO_RTPPROXY_SO ?= /usr/lib/x86_64-linux-gnu/kamailio/modules/rtpproxy.so
 .PHONY: help run test test-deps venv-deps lint-man
 
 help:
-	@sed -n '3,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,8p' Makefile | sed 's/^# \{0,1\}//'
 
 run: $(STAMP)
 	$(VENV)/bin/pyrtpproxy $(ARGS)

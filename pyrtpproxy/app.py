@@ -35,7 +35,9 @@ class Server:
         dup_small: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.engine = MediaEngine(dup_small=dup_small, clock=clock)
+        # The media thread always stamps packets with the monotonic clock (a
+        # test's Trio MockClock cannot be read from another thread).
+        self.engine = MediaEngine(dup_small=dup_small)
         self.dispatcher = Dispatcher(settings, self.engine, clock=clock)
         self.bound = list(bound)
         self.clock = clock
@@ -52,6 +54,9 @@ class Server:
         # ... and synchronous clean-ups, run after every session was closed
         # (recordings flushed) and before the media engine stops.
         self.closers: list[Callable[[], None]] = []
+        # sd_notify (issue 5): called with "ready" (serving, pid written),
+        # "draining" (SIGHUP) and "stopping" (shutdown); see announce().
+        self.on_state: list[Callable[[str], None]] = []
 
     # ---- lifecycle ------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -82,15 +87,24 @@ class Server:
                 self.drain()
         return eof
 
+    def announce(self, what: str) -> None:
+        """Tell ``on_state`` listeners (sd_notify) about a life-cycle step."""
+        for fn in self.on_state:
+            try:
+                fn(what)
+            except Exception:  # pragma: no cover
+                log.exception("state hook failed")
+
     def shutdown(self) -> None:
         """Stop now (SIGTERM/SIGINT)."""
+        self.announce("stopping")  # sd_notify STOPPING=1
         if self._done is not None:
             self._done.set()
 
     def drain(self) -> None:
         """Refuse new sessions (E99) and stop once none are left (SIGHUP)."""
         self.dispatcher.draining = True
-        log.info("deorbiting-burn sequence started: no new sessions, exiting when idle")
+        self.announce("draining")  # sd_notify STOPPING=1
         if len(self.dispatcher.table) == 0:
             self.shutdown()
 
@@ -184,27 +198,117 @@ def settings_from_config(cfg: Any) -> Settings:
 
 
 def run(cfg: Any) -> int:
-    """Bind, serve until a signal (or stdio EOF), clean up.  Returns the exit code."""
+    """The process life cycle, in rtpproxy's order.  Returns the exit code.
+
+    Bind the control sockets (unix ones chowned to ``-u`` and given the
+    ``-w`` mode), daemonise unless ``-f`` (the launcher exits 0 once we are
+    ready, 1 with the reason otherwise), log "rtpproxy started", open the
+    pid file, drop privileges, then serve until a signal (or stdio EOF).
+    Every exit path closes the sessions (recordings), unlinks the unix
+    sockets and removes the pid file.
+    """
+    import os
     import sys
+
+    from . import process
 
     settings = settings_from_config(cfg)
     bound: list = []
-    owner = None
-    if cfg.run_as is not None:
-        owner = (-1 if cfg.run_as.uid is None else cfg.run_as.uid, -1 if cfg.run_as.gid is None else cfg.run_as.gid)
+    owner = process.control_socket_owner(cfg.run_as)
+    mode = process.control_socket_mode(cfg.run_as, cfg.sock_mode)
     try:
         for url in cfg.control_sockets:
             spec = control.parse_control_url(url)
-            bound.append(control.bind_control(spec, sock_mode=cfg.sock_mode, owner=owner, no_resolve=cfg.no_resolve))
+            b = control.bind_control(spec, sock_mode=mode, owner=owner, no_resolve=cfg.no_resolve)
+            bound.append(b)
+            if getattr(b, "unlink_path", None):
+                b.unlink_path = os.path.abspath(b.unlink_path)  # still right after chdir("/")
     except (OSError, ValueError, control.ControlBindError) as exc:
         for b in bound:
             b.close()
-        print(f"rtpproxy: can't bind to a socket: {exc}", file=sys.stderr)
+        msg = str(exc) if isinstance(exc, control.ControlBindError) else f"can't bind to a socket: {exc}"
+        print(f"rtpproxy: {msg}", file=sys.stderr, flush=True)
         return 1
-    server = Server(settings, bound, dup_small=getattr(cfg, "dup_small", False))
-    attach_extensions(server, cfg)
-    code = trio.run(_main, server)
+
+    proc = process.Lifecycle(bound)
+    server: Server | None = None
+    gate: process.SignalGate | None = None
+    code = 1
+    try:
+        pidfile = cfg.pidfile
+        if pidfile is not None:
+            pidfile = os.path.abspath(pidfile)
+        if not cfg.foreground and not cfg.no_chdir:
+            # relative paths keep meaning the start directory after chdir("/")
+            cfg = _absolute_paths(cfg)
+        if not cfg.foreground:
+            proc.daemonize(no_chdir=cfg.no_chdir, no_redirect=cfg.no_redirect)
+        holder: dict[str, Server] = {}
+
+        def on_shutdown(signum: int) -> None:
+            log.info("got signal %d, shutting down", signum)
+            if "server" in holder:
+                holder["server"].shutdown()
+
+        def on_drain() -> None:
+            log.info("got SIGHUP, initiating deorbiting-burn sequence")
+            if "server" in holder:
+                holder["server"].drain()
+
+        gate = process.SignalGate(on_shutdown=on_shutdown, on_drain=on_drain, emergency=proc.emergency_exit)
+        gate.install()
+        log.info("rtpproxy started, pid %d", os.getpid())
+        proc.open_pidfile(pidfile, explicit=cfg.pidfile_explicit)
+        # Extensions bind their listeners (--metrics) and open the recording
+        # directories while still privileged; everything else runs as -u.
+        server = Server(settings, bound, dup_small=getattr(cfg, "dup_small", False))
+        holder["server"] = server
+        attach_extensions(server, cfg)
+        proc.drop_privileges(cfg.run_as)
+        warning = process.nofile_warning(cfg)
+        if warning is not None:
+            if cfg.nofile_limit is not None:
+                log.warning("%s", warning)
+            else:
+                log.info("%s", warning)
+        code = trio.run(_main, server, proc, gate)
+    except process.StartupError as exc:
+        proc.fail(str(exc))
+        code = 1
+    except Exception as exc:
+        reason = process.describe_exception(exc)
+        if not process.only_startup_errors(exc):
+            log.critical("fatal error: %s", reason, exc_info=True)
+        proc.fail(reason)
+        code = 1
+    finally:
+        if gate is not None:
+            gate.set_token(None)
+        try:
+            if server is not None:
+                server.close()  # a no-op when Server.run already closed it
+            else:
+                for b in bound:
+                    b.close()
+        finally:
+            proc.finish()
+            log.info("rtpproxy ended")
+            if gate is not None:
+                gate.restore()
     return code
+
+
+def _absolute_paths(cfg: Any) -> Any:
+    import os
+
+    import attrs
+
+    changes = {
+        name: os.path.abspath(getattr(cfg, name))
+        for name in ("record_dir", "spool_dir", "prompt_dir")
+        if getattr(cfg, name, None) is not None
+    }
+    return attrs.evolve(cfg, **changes) if changes else cfg
 
 
 def attach_extensions(server: Server, cfg: Any) -> None:
@@ -212,27 +316,30 @@ def attach_extensions(server: Server, cfg: Any) -> None:
 
     One block per subsystem; each module owns its ``attach(server, cfg)``.
     """
+    from .notifier import attach as attach_notify
+    from .metrics import attach as attach_metrics
+    from .sdnotify import attach as attach_sdnotify
+
+    attach_notify(server, cfg)
+    attach_metrics(server, cfg)
+    attach_sdnotify(server, cfg)
+    from .player import attach as attach_player; attach_player(server, cfg)
+    from .recorder import attach as attach_recorder; attach_recorder(server, cfg)
 
 
-async def _main(server: Server) -> int:
-    state = {"code": 0, "signals": 0}
+async def _main(server: Server, proc: Any = None, gate: Any = None) -> int:
+    """Serve until the server stops; signals come through ``gate``.
+
+    Once the server runs: ``proc.ready()`` writes the pid file and releases
+    a waiting launcher.  Without a gate (tests), signals are left alone.
+    """
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2) as sigs:
-
-            async def watch() -> None:
-                async for signum in sigs:
-                    if signum == signal.SIGHUP:
-                        server.drain()
-                        continue
-                    state["signals"] += 1
-                    if state["signals"] > 1:
-                        raise SystemExit(128 + signum)
-                    log.info("got signal %d, shutting down", signum)
-                    server.shutdown()
-
-            nursery.start_soon(watch)
-            await nursery.start(server.run)
-            log.info("rtpproxy started, pid %d", __import__("os").getpid())
-            await server._done.wait()
-            nursery.cancel_scope.cancel()
-    return state["code"]
+        await nursery.start(server.run)
+        if gate is not None:
+            gate.set_token(trio.lowlevel.current_trio_token())
+        if proc is not None:
+            proc.ready()
+        server.announce("ready")  # sd_notify READY=1, after the pid file
+        await server._done.wait()
+        nursery.cancel_scope.cancel()
+    return 0

@@ -22,10 +22,12 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "20060704",
         "20080403",
         "20081102",
+        "20081224",  # timeout notifications (only answered 1 with -n)
         "20090810",
         "20140323",
         "20141004",
         "20150330",
+        "20150617",  # %%CC_SELF%% notify targets (only answered 1 with -n)
         "20191015",
         "20230314",
         "20251015",

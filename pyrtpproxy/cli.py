@@ -80,18 +80,9 @@ STDIO_CONTROL_KINDS = frozenset({"stdio", "stdioc"})
 
 # Options that parse and validate but whose feature is not there yet:
 # message -> "is it in use" predicate.  Delete an entry when the feature lands.
-# -S, -P, -a and -R only act together with -r, and -w only with -u, so they
-# are accepted on their own (where they are no-ops, as in rtpproxy) and
-# blocked through -r / -u.
+# -S, -P, -a and -R only act together with -r, so they are accepted on
+# their own (where they are no-ops, as in rtpproxy) and blocked through -r.
 NOT_YET: dict[str, Callable[[Config], bool]] = {
-    "-r (recording) is not supported yet by pyrtpproxy": lambda c: c.record_dir is not None,
-    "-n (timeout notifications) is not supported yet by pyrtpproxy": lambda c: bool(
-        c.notify_targets
-    ),
-    "-u (dropping privileges) is not supported yet by pyrtpproxy": lambda c: c.run_as is not None,
-    "daemon mode is not supported yet by pyrtpproxy, run it with -f": lambda c: not c.foreground,
-    "--prompt-dir is not supported yet by pyrtpproxy": lambda c: c.prompt_dir is not None,
-    "--metrics is not supported yet by pyrtpproxy": lambda c: c.metrics is not None,
 }
 
 log = logging.getLogger(__name__)

@@ -363,12 +363,10 @@ class Dispatcher:
         return reply
 
     def _arm_notify(self, s: Session, cmd: C.Update, peer_host: str | None) -> None:
+        from .notifier import match_target
+
         sock = cmd.notify_socket
-        targets = self.settings.notify_targets
-        ok = sock in targets or ("unix:" + sock) in targets
-        if not ok and sock.startswith("tcp:%%CC_SELF%%:"):
-            ok = sock in targets
-        if not ok:
+        if match_target(sock, self.settings.notify_targets) is None:
             log.error("invalid socket name %s", sock, extra={"callid": cmd.call_id})
             return
         s.notify_socket = sock

@@ -117,32 +117,71 @@ def _stamp_monotonic(record: logging.LogRecord) -> bool:
     return True
 
 
+class RtppSysLogHandler(SysLogHandler):
+    """SysLogHandler that loses lines quietly, as syslog(3) does.
+
+    With no syslog daemon (no ``/dev/log``) the stdlib handler would print a
+    traceback on stderr for every line; here the line is dropped, counted in
+    ``dropped``, and the connection is tried again with the next one.
+    """
+
+    dropped = 0
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - stdlib name
+        self.dropped += 1
+        try:
+            if self.socket is not None:
+                self.socket.close()
+        except OSError:
+            pass
+        self.socket = None  # emit() calls createSocket() again next time
+
+
 def make_syslog_handler(facility: str, address: str = SYSLOG_ADDRESS) -> SysLogHandler:
     """SysLogHandler for -d ...:FACILITY.
 
     Like openlog(3), a missing syslog socket is not an error: the handler
-    tries to connect again on every message.
+    tries to connect again on every message and drops the lines meanwhile.
     """
-    handler = SysLogHandler(address=address, facility=LOG_FACILITIES[facility])
+    handler = RtppSysLogHandler(address=address, facility=LOG_FACILITIES[facility])
     handler.ident = f"{SYSLOG_IDENT}[{os.getpid()}]: "
     handler.setFormatter(RtppFormatter())
     return handler
 
 
-# Listeners to restart in a forked child (their thread does not survive a fork).
+# Active listeners.  Around os.fork() (daemon mode) each is stopped first, so
+# every queued line is written once, by the parent, and no writer thread
+# holds a lock at the fork; it is started again on both sides (a thread does
+# not survive a fork), and the child's syslog ident gets its own pid.
 _active: list[tuple[QueueListener, SysLogHandler | None]] = []
+
+
+def _before_fork() -> None:
+    for listener, _syslog in _active:
+        if listener._thread is not None:
+            listener.stop()
+
+
+def _after_fork_in_parent() -> None:
+    for listener, _syslog in _active:
+        if listener._thread is None:
+            listener.start()
 
 
 def _after_fork_in_child() -> None:
     for listener, syslog in _active:
-        listener._thread = None  # the parent's thread object; not running here
+        listener._thread = None  # a parent's thread object would not be running here
         listener.start()
         if syslog is not None:
             syslog.ident = f"{SYSLOG_IDENT}[{os.getpid()}]: "
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
 
 
 def setup_logging(
@@ -200,6 +239,7 @@ def setup_logging(
 __all__ = [
     "LEVELS",
     "RtppFormatter",
+    "RtppSysLogHandler",
     "level_from_name",
     "level_name",
     "make_syslog_handler",

@@ -210,10 +210,13 @@ class MediaEngine:
                 log.exception("media engine job failed")
 
     def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception:  # pragma: no cover - last resort, logged
-            log.exception("media engine crashed")
+        # A bug in one batch must not stop the relay: log, count, go on.
+        while not self._stop:
+            try:
+                self._loop()
+            except Exception:  # pragma: no cover - last resort, logged
+                self.errors += 1
+                log.exception("media engine error; relay continues")
 
     def _loop(self) -> None:
         ep = self._ep

@@ -1,0 +1,1 @@
+"""Benchmark harness for pyrtpproxy and other rtpproxy-compatible relays (``python -m bench``)."""
