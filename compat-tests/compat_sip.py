@@ -431,7 +431,8 @@ class UA:
         return f"SIP/2.0/UDP {LOOPBACK}:{self.sip_port};branch=z9hG4bK{token(8)};rport"
 
     def _request(self, method: str, ruri: str, cseq: int, body: bytes = b"",
-                 route: list[str] | None = None) -> SipMessage:
+                 route: list[str] | None = None,
+                 extra: list[tuple[str, str]] | None = None) -> SipMessage:
         h = [("via", self._via()), ("max-forwards", "70")]
         for r in route if route is not None else self.route_set:
             h.append(("route", r))
@@ -443,6 +444,7 @@ class UA:
         ]
         if method in ("INVITE",):
             h.append(("contact", f"<{self.contact}>"))
+        h += [(n.lower(), v) for n, v in extra or ()]
         if body:
             h.append(("content-type", "application/sdp"))
         return SipMessage(f"{method} {ruri} SIP/2.0", h, body)
@@ -543,6 +545,16 @@ class UA:
         media = self._take_sdp(resps[-1])
         await self._ack(self.cseq)
         return media
+
+    async def request(self, method: str, headers: list[tuple[str, str]] | None = None,
+                      timeout: float = 5) -> SipMessage:
+        """An in-dialog request without a body (e.g. INFO); returns the final
+        response, whatever its status."""
+        self.cseq += 1
+        req = self._request(method, self.remote_target, self.cseq, extra=headers)
+        await self._send(req.to_bytes(), self.proxy)
+        resps = await self.expect_final(self.cseq, method, timeout)
+        return resps[-1]
 
     async def bye(self) -> None:
         self.cseq += 1
@@ -651,11 +663,17 @@ async def _receive_stream(ua: UA, expected: list[bytes], deadline: float, report
 
 
 async def check_media(a: UA, b: UA, count: int = 50, timeout: float = 10,
-                      interval: float = 0.001) -> None:
-    """Each side sends `count` RTP packets to the address in the SDP it got.
+                      interval: float = 0.001, packets: tuple[list[bytes], list[bytes]] | None = None
+                      ) -> None:
+    """Each side sends `count` RTP packets to the address in the SDP it got
+    (or the given `packets`: (A's, B's)).
     Each side must receive every packet of the other side, byte for byte,
     from the address in the SDP it got, and nothing else."""
-    pa, pb = make_rtp_stream(count), make_rtp_stream(count)
+    if packets is None:
+        pa, pb = make_rtp_stream(count), make_rtp_stream(count)
+    else:
+        pa, pb = packets
+        count = len(pa)
     ra: dict = {}
     rb: dict = {}
     deadline = trio.current_time() + timeout
@@ -678,3 +696,28 @@ async def check_media(a: UA, b: UA, count: int = 50, timeout: float = 10,
             problems.append(f"{where}: {rep['duplicates']} duplicated packets")
     if problems:
         raise AssertionError("; ".join(problems))
+
+
+# ---------------------------------------------------------------------------
+# A call, for tests about what happens during one
+# ---------------------------------------------------------------------------
+
+
+async def establish_call(proxy: tuple[str, int]) -> tuple[UA, UA]:
+    """A calls B through the proxy (INVITE with SDP, 180 and 200 with SDP,
+    ACK); returns (A, B) with the dialog up.  The caller closes them."""
+    a = await UA.open("A", proxy)
+    b = await UA.open("B", proxy)
+    try:
+        ringing = trio.Event()
+
+        def provisional(r):
+            if r.status == 180:
+                ringing.set()
+
+        await gather(a.invite(b, provisional), b.answer_invite(ringing_seen=ringing))
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+    return a, b

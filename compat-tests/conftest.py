@@ -14,6 +14,13 @@ Environment: COMPAT_RELAY (relay command), COMPAT_LOG_LEVEL (the relay's -d,
 default INFO), COMPAT_KEEP=1 (keep the logs in /tmp/pyrtpp-compat-* even when
 everything passed; they are always kept after a failure).
 
+The `media_stack` fixture is the same stack with the relay's media
+features on (used by test_kamailio_playback.py / test_kamailio_recording.py):
+pyrtpproxy gets `--prompt-dir <tmp>/prompts` (not when COMPAT_RELAY is set:
+rtpproxy has no such flag), `-r <tmp>/rec -S <tmp>/spool` and, for the
+"-pcap" variant, `-P`; Kamailio gets `-A 'PROMPT="<tmp>/prompts/tone"'`, the
+prompt its INFO handler plays (the tests write tone.0 / tone.8 there).
+
 Kamailio is started only once the relay answers `V` on both sockets: it
 probes the relay in child_init and disables one that does not answer.
 """
@@ -47,6 +54,12 @@ VARIANTS = {
     "udp": ("udp", False),
     "unix": ("unix", False),
     "unix-manage": ("unix", True),
+}
+
+# media_stack variants: name -> (VARIANTS key, record in pcap format (-P))
+MEDIA_VARIANTS = {
+    "udp-adhoc": ("udp", False),
+    "unix-manage-pcap": ("unix-manage", True),
 }
 
 
@@ -187,11 +200,21 @@ def stop_process(proc: subprocess.Popen, group: bool = False) -> int | None:
 class Stack:
     """pyrtpproxy + Kamailio on loopback, for one variant."""
 
-    def __init__(self, variant: str, tmpdir: Path):
+    def __init__(self, variant: str, tmpdir: Path, media: bool = False, pcap: bool = False):
         scheme, manage = VARIANTS[variant]
         self.variant = variant
         self.manage = manage
         self.tmpdir = tmpdir
+        # media=True: prompts (--prompt-dir), recording (-r/-S, -P with pcap)
+        self.media = media
+        self.pcap = pcap
+        self.prompt_dir = tmpdir / "prompts"
+        self.prompt = self.prompt_dir / "tone"  # Kamailio's PROMPT: files tone.<pt>
+        self.record_dir = tmpdir / "rec"
+        self.spool_dir = tmpdir / "spool"
+        if media:
+            for d in (self.prompt_dir, self.record_dir, self.spool_dir):
+                d.mkdir()
         # Media port range: below Linux's ephemeral range (32768-60999), so
         # the user agents' own RTP ports (bound to port 0) never fall in it.
         self.port_min = 2 * random.randrange(10000, 15000)  # even
@@ -224,8 +247,10 @@ class Stack:
         return [("relay", self.relay_log), ("kamailio", self.kamailio_log)]
 
     def describe(self) -> str:
+        media = (f" prompt={self.prompt} rec={self.record_dir} spool={self.spool_dir} pcap={self.pcap}"
+                 if self.media else "")
         return (f"variant={self.variant} rtpproxy_sock={self.relay_url} extra=udp:{self.extra_ctl[0]}:"
-                f"{self.extra_ctl[1]} sip={self.sip_addr} ports={self.port_min}-{self.port_max}")
+                f"{self.extra_ctl[1]} sip={self.sip_addr} ports={self.port_min}-{self.port_max}{media}")
 
     # -- start/stop ------------------------------------------------------------
     def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen:
@@ -262,6 +287,12 @@ class Stack:
             "-p", str(self.tmpdir / "rtpproxy.pid"),
             "-d", os.environ.get("COMPAT_LOG_LEVEL", "INFO"),
         ]
+        if self.media:
+            if not os.environ.get("COMPAT_RELAY"):
+                argv += ["--prompt-dir", str(self.prompt_dir)]
+            argv += ["-r", str(self.record_dir), "-S", str(self.spool_dir)]
+            if self.pcap:
+                argv.append("-P")
         self.relay = self._spawn(argv, self.relay_log)
 
         def probe(t: float) -> bool:
@@ -285,6 +316,8 @@ class Stack:
                 "-A", f'RTPPROXY_SOCK="{self.relay_url}"']
         if self.manage:
             argv += ["-A", "WITH_MANAGE"]
+        if self.media:
+            argv += ["-A", f'PROMPT="{self.prompt}"']
         self.kamailio = self._spawn(argv, self.kamailio_log)
         self._wait(self.kamailio, self.kamailio_log, "kamailio", self._options_ping)
 
@@ -323,9 +356,21 @@ class Stack:
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def stack(request, kamailio_install):
+    yield from _run_stack(request, kamailio_install, request.param)
+
+
+@pytest.fixture(scope="session", params=list(MEDIA_VARIANTS))
+def media_stack(request, kamailio_install):
+    """A stack whose relay can play prompts and record (see the module doc).
+    Session-scoped: the playback and recording tests share it."""
+    variant, pcap = MEDIA_VARIANTS[request.param]
+    yield from _run_stack(request, kamailio_install, variant, media=True, pcap=pcap)
+
+
+def _run_stack(request, kamailio_install, variant: str, **options):
     exe, mods = kamailio_install
     tmpdir = Path(tempfile.mkdtemp(prefix="pyrtpp-compat-"))
-    st = Stack(request.param, tmpdir)
+    st = Stack(variant, tmpdir, **options)
     failed_before = request.session.testsfailed
     try:
         st.start_relay()
@@ -346,7 +391,8 @@ def stack(request, kamailio_install):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
-    st = getattr(item, "funcargs", {}).get("stack")
+    funcargs = getattr(item, "funcargs", {})
+    st = funcargs.get("stack") or funcargs.get("media_stack")
     if rep.failed and isinstance(st, Stack):
         rep.sections.append(("compat stack", st.describe()))
         for name, path in st.logs():

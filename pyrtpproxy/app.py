@@ -34,10 +34,17 @@ class Server:
         *,
         dup_small: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        workers: int = 0,
     ) -> None:
         # The media thread always stamps packets with the monotonic clock (a
         # test's Trio MockClock cannot be read from another thread).
-        self.engine = MediaEngine(dup_small=dup_small)
+        if workers > 0:
+            from .shard import ShardedEngine
+
+            nslots = settings.port_max - settings.port_min + 2
+            self.engine: Any = ShardedEngine(workers, nslots, dup_small=dup_small)
+        else:
+            self.engine = MediaEngine(dup_small=dup_small)
         self.dispatcher = Dispatcher(settings, self.engine, clock=clock)
         self.bound = list(bound)
         self.clock = clock
@@ -261,7 +268,11 @@ def run(cfg: Any) -> int:
         proc.open_pidfile(pidfile, explicit=cfg.pidfile_explicit)
         # Extensions bind their listeners (--metrics) and open the recording
         # directories while still privileged; everything else runs as -u.
-        server = Server(settings, bound, dup_small=getattr(cfg, "dup_small", False))
+        workers = cfg.workers
+        if workers and cfg.record_all:
+            log.warning("-a records every session in this process: --workers ignored")
+            workers = 0
+        server = Server(settings, bound, dup_small=cfg.dup_small, workers=workers)
         holder["server"] = server
         attach_extensions(server, cfg)
         proc.drop_privileges(cfg.run_as)

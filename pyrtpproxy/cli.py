@@ -57,6 +57,7 @@ LONG_OPTS = [
     "no_redirect",
     "prompt-dir=",
     "metrics=",
+    "workers=",
 ]
 _OPTIONAL_ARG_LONG = frozenset({"overload_prot"})
 MONOTONIC_CLOCK_NAME = "CLOCK_MONOTONIC"  # what time.monotonic() reads on Linux
@@ -71,7 +72,7 @@ usage: {PROG} [-2abDfFiPRv] [-l addr|in/out|label@addr[=adv]]...
          [-L nofile] [-d level[:facility]] [-c fifo|rr]
          [--force_asymmetric] [--bridge_symmetric] [--no_resolve]
          [--no_redirect] [--nice n] [--overload_prot] [--config file]
-         [--dso module] [--prompt-dir dir] [--metrics url]
+         [--dso module] [--prompt-dir dir] [--metrics url] [--workers n]
        {PROG} -V | -v | -C
 """
 
@@ -381,6 +382,14 @@ def build_config(argv: Sequence[str]) -> Config:
                 kw["prompt_dir"] = arg
             case "--metrics":
                 kw["metrics"] = arg
+            case "--workers":
+                try:
+                    n = int(arg)
+                except ValueError:
+                    raise ConfigError(f"--workers {arg}: argument is invalid") from None
+                if n < 0 or n > 256:
+                    raise ConfigError(f"--workers {arg}: argument is invalid")
+                kw["workers"] = n if n > 0 else (os.cpu_count() or 1)
             case _:  # pragma: no cover - getopt only returns declared options
                 raise UsageError(f"invalid option -- '{opt.lstrip('-')}'")
 

@@ -144,6 +144,7 @@ class Config:
     # our own
     prompt_dir: str | None = None  # --prompt-dir
     metrics: str | None = None  # --metrics
+    workers: int = 0  # --workers: media worker processes (0: relay in-process)
 
     @property
     def internal(self) -> BindAddr:

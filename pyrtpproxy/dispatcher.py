@@ -95,6 +95,7 @@ class Dispatcher:
         self._parse = parse or parse_command
         self.env = settings.parse_env()
         self.table = SessionTable(independent_ttl=settings.independent_ttl)
+        self.table.refresh = engine.sync
         self.counters = S.Counters()
         self.ports: dict[int, PortTable] = {}
         for fam in {i.family for i in settings.ifaces + settings.labelled}:
@@ -294,6 +295,7 @@ class Dispatcher:
                 if self.draining:
                     raise RtppError(ECode.SLOWSHTDN)
                 s = Session.new(cmd.call_id, cmd.from_tag, now, sett.setup_ttl)
+                s.shard = self.engine.assign()
                 pidx = 0
                 new_session = True
             else:
@@ -446,6 +448,7 @@ class Dispatcher:
     def destroy(self, s: Session, now: float, *, timeout: bool = False) -> None:
         if s.deleted:
             return
+        self.engine.sync(s)
         self.table.remove(s)
         if self.playback is not None:
             self.playback.session_gone(s)
@@ -453,6 +456,7 @@ class Dispatcher:
             self.recording.session_gone(s)
         for st in s.rtp:
             self._release(st)
+        self.engine.release_session(s.shard)
         c = self.counters
         c.nsess_destroyed += 1
         if timeout:
@@ -533,6 +537,7 @@ class Dispatcher:
             raise RtppError(cmd.deferred_error)
         s, idx = found
         pidx = 1 - idx
+        self.engine.sync(s)
         vals: dict[str, float] = {
             "ttl": s.ttl_left(now, self.table.independent),
             "npkts_ina": s.rtp[pidx].npkts_in,
@@ -557,6 +562,8 @@ class Dispatcher:
         if self.recording is None:
             # Without -r the recorder cannot be created: rtpproxy answers E50.
             raise RtppError(ECode.SESUNKN)
+        for s, _ in matches:
+            await self.engine.localize(s)
         return await self.recording.record(cmd, matches, now)
 
     async def copy(self, cmd: C.Copy, now: float) -> str:
@@ -565,6 +572,7 @@ class Dispatcher:
             raise RtppError(ECode.SESUNKN)
         if self.recording is None:
             raise RtppError(ECode.CPYFAIL)
+        await self.engine.localize(found[0])
         return await self.recording.copy(cmd, found, now)
 
     async def norecord(self, cmd: C.NoRecord, now: float) -> str:
@@ -580,6 +588,7 @@ class Dispatcher:
         s, idx = found
         pidx = 1 - idx
         if self.playback is not None:
+            await self.engine.localize(s)
             return await self.playback.play(cmd, s, pidx, now)
         if cmd.count == 0:
             return "0"

@@ -104,6 +104,12 @@ class MediaEngine:
         self.npkts_foreign = 0  # dropped by the latch rules
         self.npkts_inactive = 0  # arrived before the session was complete
         self.errors = 0
+        # Non-media fds served by the loop (a worker's control socket):
+        # fd -> callable run when it is readable.
+        self.others: dict[int, Callable[[], None]] = {}
+        # Called with each batch's events after the batch (a worker
+        # publishes its counters there); None in the usual in-thread engine.
+        self.after_batch: Callable[[list], None] | None = None
 
     # ---- control-plane side ---------------------------------------------
     def start(self) -> None:
@@ -175,6 +181,19 @@ class MediaEngine:
     def nsockets(self) -> int:
         return len(self._streams)
 
+    # The sharding interface (see shard.ShardedEngine); in-process: trivial.
+    def assign(self) -> int | None:
+        return None
+
+    def release_session(self, shard: int | None) -> None:
+        pass
+
+    def sync(self, session: Any) -> None:
+        pass
+
+    async def localize(self, session: Any) -> None:
+        pass
+
     # ---- media-thread side ------------------------------------------------
     def _add(self, st: Stream) -> None:
         if st.sock is None:
@@ -218,10 +237,21 @@ class MediaEngine:
                 self.errors += 1
                 log.exception("media engine error; relay continues")
 
+    def add_other(self, fd: int, on_readable: Callable[[], None]) -> None:
+        """Serve a non-media fd from the loop (call before start)."""
+        self.others[fd] = on_readable
+        self._ep.register(fd, _EPOLLIN)
+
+    def run_here(self) -> None:
+        """Run the loop in the calling thread until stop (a worker process)."""
+        self._run()
+
     def _loop(self) -> None:
         ep = self._ep
         streams = self._streams
         wake_fd = self._wake_fd
+        others = self.others
+        after_batch = self.after_batch
         q = self._q
         buf = bytearray(65536)
         mv = memoryview(buf)
@@ -244,6 +274,8 @@ class MediaEngine:
                             os.eventfd_read(wake_fd)
                         except OSError:
                             pass
+                    elif fd in others:
+                        others[fd]()
                     continue
                 sock = st.sock
                 recv = sock.recvfrom_into
@@ -294,3 +326,5 @@ class MediaEngine:
                             self.errors += 1
                             st.rec = None
                             log.exception("recorder failed; recording stopped")
+            if after_batch is not None:
+                after_batch(events)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import attrs
 
@@ -59,6 +59,9 @@ class Stream:
     # Per-stream options.
     tos: int | None = None
     ttl: int | None = None
+    # Where a media worker process serves it (sharding): id and counter slot.
+    sid: int = -1
+    slot: int = -1
 
 
 def tag_matches_prefix(session_tag: str, tag: str) -> bool:
@@ -97,6 +100,7 @@ class Session:
     players: list = attrs.Factory(lambda: [None, None])
     recorders: list = attrs.Factory(list)
     deleted: bool = False
+    shard: int | None = None  # media worker process serving it (None: in-process)
 
     @classmethod
     def new(cls, call_id: str, tag: str, now: float, ttl: float) -> "Session":
@@ -144,6 +148,9 @@ class SessionTable:
     """All sessions, indexed by Call-ID, and the expiry schedule."""
 
     def __init__(self, *, independent_ttl: bool = False) -> None:
+        # Brings a session's packet counters and times up to date before its
+        # expiry is judged (media worker processes publish them lazily).
+        self.refresh: Callable[[Session], None] = lambda s: None
         self.by_callid: dict[str, list[Session]] = {}
         self.independent = independent_ttl
         self._heap: list[tuple[float, int, Session]] = []
@@ -222,6 +229,7 @@ class SessionTable:
             if s.deleted or d != s.heap_deadline:
                 continue
             s.heap_deadline = math.inf
+            self.refresh(s)
             real = s.expires_at(self.independent)
             if real <= now:
                 out.append(s)

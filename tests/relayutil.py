@@ -52,10 +52,12 @@ class Relay:
         await self.server.engine.barrier()
 
 
-async def start_relay(nursery, clock=None, **kw) -> Relay:
+async def start_relay(nursery, clock=None, workers=0, **kw) -> Relay:
     b = control.bind_control(control.parse_control_url("udp:127.0.0.1:0"))
     addr = b.sockname
     extra = {} if clock is None else {"clock": clock}
+    if workers:
+        extra["workers"] = workers
     server = Server(settings(**kw), [b], **extra)
     await nursery.start(server.run)
     return Relay(server, addr)
