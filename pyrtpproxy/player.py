@@ -367,12 +367,12 @@ class Playback:
             find_prompt, cmd.prompt, codecs, self.base, self.cache, self.max_prompt_bytes
         )
         if isinstance(found, str):
-            log.info("can't play prompt %r to %s: %s", cmd.prompt, s.call_id, found)
+            log.info("can't play prompt %r: %s", cmd.prompt, found, extra={"callid": s.call_id})
             raise RtppError(ECode.PLRFAIL)
         pt, data = found
         fr = framing(pt, ptime)
         if fr is None:
-            log.info("can't play prompt %r: payload type %d is not supported", cmd.prompt, pt)
+            log.info("can't play prompt %r: payload type %d is not supported", cmd.prompt, pt, extra={"callid": s.call_id})
             raise RtppError(ECode.PLRFAIL)
         if s.deleted:  # went away (timeout) while the file was read
             raise RtppError(ECode.SESUNKN)
@@ -392,6 +392,7 @@ class Playback:
         log.info(
             "%d times playing prompt %s codec %d: SSRC=0x%08X, seq=%u",
             cmd.count, cmd.prompt, pt, p.packets.ssrc, p.packets.seq,
+            extra={"callid": s.call_id},
         )
         self._nursery.start_soon(self._run, p)
         return "0"
@@ -428,7 +429,7 @@ class Playback:
         st = p.stream
         counters = self.dispatcher.counters
         if st.remote is None or st.sock is None:
-            log.info("prompt %s for %s waits until the party's address is known", p.name, p.session.call_id)
+            log.info("prompt %s waits until the party's address is known", p.name, extra={"callid": p.session.call_id})
             while st.remote is None or st.sock is None:
                 await trio.sleep(WAIT_POLL)
         period = p.packets.fr.ms / 1000.0
@@ -444,6 +445,8 @@ class Playback:
             now = trio.current_time()
             if now < deadline:
                 await trio.sleep_until(deadline)
+                if p.finished or p.cancel.cancel_called:
+                    return  # stopped (S, delete) while the wake-up was due
             elif now - deadline > MAX_LAG:
                 # Stalled (e.g. the process was stopped): go on from now
                 # rather than bursting everything that is overdue.
