@@ -9,8 +9,6 @@ calls with a validated Config.
 from __future__ import annotations
 
 import logging
-import math
-import signal
 import socket
 import time
 from typing import Any, Callable, Sequence

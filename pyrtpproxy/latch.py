@@ -70,18 +70,12 @@ def accept(st: Any, src: tuple, buf: Any, n: int, now: float) -> int:
         if remote is None:
             return DROP
         return ACCEPT if src[0] == remote[0] else DROP
-    if remote is None:
-        st.remote = src
-        st.untrusted = True
-        _latch(st, buf, n)
-        _guess_rtcp(st, src)
-        st.nlatch += 1
-        return ACCEPT
     if src == remote:
         if not st.latched:
             _latch(st, buf, n)
         return ACCEPT
-    if not st.latched:
+    if remote is None or not st.latched:
+        # Learn the real address (behind NAT it differs from the SDP's).
         st.remote = src
         st.untrusted = True
         _latch(st, buf, n)

@@ -101,3 +101,26 @@ class Peer:
 
 def port_of(reply: str) -> int:
     return int(reply.split()[0])
+
+
+async def assert_fds_back_after_cycles(relay, cycles: int) -> None:
+    """U/L/D ``cycles`` calls; the process's fd count ends where it began."""
+    import gc
+    import os
+
+    import psutil
+
+    for i in range(3):  # warm up: sockets, worker threads
+        await relay.cmd(f"U warm{i} 127.0.0.1 30000 f")
+        await relay.cmd(f"D warm{i} f")
+    await relay.barrier()
+    gc.collect()  # sockets other tests left to the collector
+    proc = psutil.Process(os.getpid())
+    base = proc.num_fds()
+    for i in range(cycles):
+        await relay.cmd(f"U fd{i} 127.0.0.1 30000 f")
+        await relay.cmd(f"L fd{i} 127.0.0.1 30002 f t")
+        assert await relay.cmd(f"D fd{i} f t") == "0"
+    await relay.barrier()
+    assert proc.num_fds() == base
+    assert relay.server.engine.nsockets == 0

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import gc
-import os
 import socket
 
-import psutil
-import pytest
 import trio
 
-from relayutil import V4, V6, Peer, port_of, rtp_packet, start_relay
+from relayutil import V4, V6, Peer, assert_fds_back_after_cycles, port_of, rtp_packet, start_relay
 from pyrtpproxy.dispatcher import Iface
 
 
@@ -244,20 +240,7 @@ async def test_setup_and_media_timeouts(nursery, autojump_clock):
 
 async def test_fd_count_back_to_baseline_after_1000_cycles(nursery):
     relay = await start_relay(nursery)
-    for i in range(3):  # warm up: sockets, worker threads
-        await relay.cmd(f"U warm{i} 127.0.0.1 30000 f")
-        await relay.cmd(f"D warm{i} f")
-    proc = psutil.Process(os.getpid())
-    await relay.barrier()
-    gc.collect()  # sockets other tests left to the collector
-    base = proc.num_fds()
-    for i in range(1000):
-        await relay.cmd(f"U fd{i} 127.0.0.1 30000 f")
-        await relay.cmd(f"L fd{i} 127.0.0.1 30002 f t")
-        assert await relay.cmd(f"D fd{i} f t") == "0"
-    await relay.barrier()
-    assert proc.num_fds() == base
-    assert relay.server.engine.nsockets == 0
+    await assert_fds_back_after_cycles(relay, 1000)
     assert all(t.free == t.size for t in relay.dispatcher.ports.values())
 
 
