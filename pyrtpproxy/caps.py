@@ -20,6 +20,7 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "20040107",
         "20050322",  # Kamailio refuses the proxy without it
         "20060704",
+        "20071218",  # C (copy to a file or to udp:host:port)
         "20080403",
         "20081102",
         "20081224",  # timeout notifications (only answered 1 with -n)
@@ -29,7 +30,9 @@ IMPLEMENTED: frozenset[str] = frozenset(
         "20150330",
         "20150617",  # %%CC_SELF%% notify targets (only answered 1 with -n)
         "20191015",
+        "20200226",  # N (stop recording)
         "20230314",
+        "20250523",  # Cp (reply with the copy's local port)
         "20251015",
         "20260306",
         "20260308",

@@ -21,7 +21,6 @@ import os
 import pwd
 import resource
 import sys
-from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -78,13 +77,6 @@ usage: {PROG} [-2abDfFiPRv] [-l addr|in/out|label@addr[=adv]]...
 
 REMOTE_CONTROL_KINDS = frozenset({"udp", "udp6", "tcp", "tcp6"})
 STDIO_CONTROL_KINDS = frozenset({"stdio", "stdioc"})
-
-# Options that parse and validate but whose feature is not there yet:
-# message -> "is it in use" predicate.  Delete an entry when the feature lands.
-# -S, -P, -a and -R only act together with -r, so they are accepted on
-# their own (where they are no-ops, as in rtpproxy) and blocked through -r.
-NOT_YET: dict[str, Callable[[Config], bool]] = {
-}
 
 log = logging.getLogger(__name__)
 
@@ -442,12 +434,6 @@ def build_config(argv: Sequence[str]) -> Config:
     return Config(**kw)  # type: ignore[arg-type]
 
 
-def check_not_yet(config: Config) -> None:
-    for message, in_use in NOT_YET.items():
-        if in_use(config):
-            raise ConfigError(message)
-
-
 # ---------------------------------------------------------------- process settings
 
 
@@ -500,7 +486,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config = build_config(args)
-        check_not_yet(config)
         apply_nofile_limit(config)
     except EarlyExit as exc:
         return exc.code
@@ -534,12 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "NOT_YET",
     "USAGE",
     "EarlyExit",
     "UsageError",
     "build_config",
-    "check_not_yet",
     "main",
     "usage",
 ]

@@ -6,9 +6,8 @@ validation (number parsing, port-range rounding, bind-address layout, log
 level/facility names); each raises :class:`ConfigError` whose text is the
 one-line message printed after ``rtpproxy: ``.
 
-Adding an option: add a field with a default to :class:`Config`, parse it in
-``cli._apply_option`` and, if it is not implemented yet, add it to
-``cli.NOT_YET``.
+Adding an option: add a field with a default to :class:`Config` and parse
+it in ``cli._apply_option``.
 """
 
 from __future__ import annotations

@@ -109,6 +109,7 @@ class Dispatcher:
         self.on_schedule: Callable[[], None] = lambda: None  # timer wake-up
         self.on_empty: Callable[[], None] = lambda: None  # drain finished
         self.on_timeout: Callable[[Session], None] = lambda s: None  # notify hook
+        self.on_created: Callable[[Session], None] = lambda s: None  # -a hook
         self._pps_sample = (clock(), 0)
         self._lock: Any = None  # a trio.Lock, made on first use inside Trio
         # Hooks the recording/playback issues fill in.
@@ -316,6 +317,7 @@ class Dispatcher:
             self._allocate(rtp, other_iface, True)
             self.table.add(s)
             self.counters.nsess_created += 1
+            self.on_created(s)
             log.info(
                 "new %s session, tag %s; RTP port %d",
                 "IPv6" if rtp.family == socket.AF_INET6 else "IPv4",

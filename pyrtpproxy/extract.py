@@ -210,9 +210,10 @@ def extract(
     single: str | None = None,
     stereo: bool = False,
     errfail: bool = False,
-    err=sys.stderr,
+    err=None,
 ) -> int:
     """Write ``out``; returns the exit status (0, or 1 when nothing loaded)."""
+    err = sys.stderr if err is None else err
     if single is not None:
         pkts = load_packets(single)
         chans = list(split_directions(pkts))
@@ -247,7 +248,8 @@ def extract(
     return 0
 
 
-def scan(paths: Iterable[str], out=sys.stdout) -> int:
+def scan(paths: Iterable[str], out=None) -> int:
+    out = sys.stdout if out is None else out
     code = 0
     for path in paths:
         try:

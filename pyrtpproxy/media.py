@@ -263,18 +263,22 @@ class MediaEngine:
                 events = ep.poll(-1, 256)
             except InterruptedError:  # pragma: no cover
                 continue
+            # Reset the eventfd BEFORE running the queue: a job queued after
+            # the drain then leaves the eventfd readable for the next poll.
+            for fd, _ev in events:
+                if fd == wake_fd:
+                    try:
+                        os.eventfd_read(wake_fd)
+                    except OSError:
+                        pass
+                    break
             if q:
                 self._drain_queue()
             now = clock()
             for fd, _ev in events:
                 st = streams.get(fd)
                 if st is None:
-                    if fd == wake_fd:
-                        try:
-                            os.eventfd_read(wake_fd)
-                        except OSError:
-                            pass
-                    elif fd in others:
+                    if fd in others:
                         others[fd]()
                     continue
                 sock = st.sock
@@ -304,6 +308,15 @@ class MediaEngine:
                     elif not st.is_rtcp and n >= 12:
                         st.seq = (buf[2] << 8) | buf[3]
                     peer = st.peer
+                    rec = st.rec
+                    if rec is not None and not peer.muted:
+                        # every accepted packet is recorded, relayed or not
+                        try:
+                            rec(bytes(mv[:n]), src, st)
+                        except Exception:
+                            self.errors += 1
+                            st.rec = None
+                            log.exception("recorder failed; recording stopped")
                     dst = peer.remote
                     if dst is None or peer.muted or peer.sock is None:
                         st.ndropped += 1
@@ -318,13 +331,5 @@ class MediaEngine:
                         st.ndropped += 1
                         continue
                     st.nrelayed += 1
-                    rec = st.rec
-                    if rec is not None:
-                        try:
-                            rec(bytes(mv[:n]), src, st)
-                        except Exception:
-                            self.errors += 1
-                            st.rec = None
-                            log.exception("recorder failed; recording stopped")
             if after_batch is not None:
                 after_batch(events)

@@ -30,7 +30,6 @@ closed and moved out of the spool.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import socket
@@ -53,8 +52,23 @@ TICK = 0.1  # s: the writer looks at its queue at least this often
 FLUSH_EVERY = 1.0  # s: a buffered record reaches the file within this time
 BUF_FLUSH = 64 * 1024  # bytes buffered per file before a write
 JOIN_TIMEOUT = 30.0  # s: how long shutdown waits for the writer
+YIELD_EVERY = 64  # records the writer builds before it lets other threads run
 FILE_MODE = 0o666
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def create_file(name: str, dir_fd: int) -> int:
+    """Create ``name`` in ``dir_fd`` afresh, replacing an older file of that name.
+
+    rtpproxy truncates (O_TRUNC); unlinking first and creating with O_EXCL
+    gives the same result for a regular file, but a symlink or hard link
+    planted under that name is replaced instead of followed or truncated.
+    """
+    try:
+        return os.open(name, _OPEN_FLAGS, FILE_MODE, dir_fd=dir_fd)
+    except FileExistsError:
+        os.unlink(name, dir_fd=dir_fd)
+        return os.open(name, _OPEN_FLAGS, FILE_MODE, dir_fd=dir_fd)
 
 
 @attrs.frozen
@@ -104,6 +118,8 @@ class Channel:
     pcap: bool
     single: bool  # rtpproxy's single-file mode (RTCP written as sent)
     label: str  # for logs
+    dir_fd: int = -1  # where the file is (-S or -r)
+    rdir_fd: int = -1  # where it goes at close when spooled (-r)
     buf: bytearray = attrs.Factory(bytearray)
     refs: int = 0
     npkts: int = 0
@@ -150,8 +166,6 @@ class Writer:
     def __init__(
         self,
         *,
-        rdir_fd: Callable[[], int | None],
-        sdir_fd: Callable[[], int | None],
         max_pkts: int = QUEUE_MAX_PKTS,
         max_bytes: int = QUEUE_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
@@ -169,8 +183,6 @@ class Writer:
         self.nerrors = 0
         self.nclosed = 0
         self.ip_id = 0  # pcap IPv4 id, one counter for the process (as rtpproxy)
-        self._rdir_fd = rdir_fd
-        self._sdir_fd = sdir_fd
         self._clock = clock
         self._dirty: set[Channel] = set()
         self._local: dict[str, str] = {}
@@ -253,7 +265,13 @@ class Writer:
     def _drain(self) -> None:
         q = self.q
         write = self._write
+        n = 0
         while q:
+            n += 1
+            if not n % YIELD_EVERY:
+                # Let the media thread have the GIL: it must not wait for a
+                # long batch of ours (sleep(0) releases it).
+                time.sleep(0)
             item = q.popleft()
             ch = item[0]
             if ch is None:
@@ -367,9 +385,9 @@ class Writer:
                 pass
         ch.fd = -1
 
-    def _open_late(self, ch: Channel, dfd: int) -> None:
+    def _open_late(self, ch: Channel) -> None:
         try:
-            ch.fd = os.open(ch.name, _OPEN_FLAGS, FILE_MODE, dir_fd=dfd)
+            ch.fd = create_file(ch.name, ch.dir_fd)
         except OSError as exc:
             ch.fd = -1
             ch.spool = False  # nothing to move
@@ -389,11 +407,8 @@ class Writer:
         ch.closed = True
         self.nclosed += 1
         if ch.spool:
-            sfd, rfd = self._sdir_fd(), self._rdir_fd()
             try:
-                if sfd is None or rfd is None:
-                    raise OSError(errno.EBADF, "directory not open")
-                os.rename(ch.name, ch.name, src_dir_fd=sfd, dst_dir_fd=rfd)
+                os.rename(ch.name, ch.name, src_dir_fd=ch.dir_fd, dst_dir_fd=ch.rdir_fd)
             except OSError as exc:
                 self.nerrors += 1
                 log.error("can't move %s from the spool into the recording directory: %s", ch.label, exc)
@@ -412,8 +427,9 @@ class Recorder:
         self.channels: set[Channel] = set()  # files that recordings feed
         self.closing: set[Channel] = set()  # fed by nothing, not closed yet
         self.by_name: dict[str, Channel] = {}
-        self.writer = Writer(rdir_fd=self._rdir_fd, sdir_fd=self._sdir_fd)
+        self.writer = Writer()
         self._dirfds: dict[str, int] = {}
+        self._old_dirfds: list[int] = []  # replaced, kept until the writer ends
         self.files_opened = 0
         self.open_errors = 0
         self.copies_sent_gone = 0
@@ -421,20 +437,26 @@ class Recorder:
         self._closed = False
 
     # ---- directories --------------------------------------------------------------
-    def _dir_fd(self, path: str | None) -> int | None:
-        if path is None:
-            return None
+    def _dir_fd(self, path: str) -> int:
+        """An fd of directory ``path``, opened once (while still privileged,
+        see app.run) and opened again if ``path`` now names another
+        directory (an operator rotated it)."""
         fd = self._dirfds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            self._dirfds[path] = fd
+        if fd is not None:
+            try:
+                st = os.stat(path)
+            except PermissionError:
+                return fd  # after -u: the fd is what we have
+            except OSError:
+                st = None
+            fst = os.fstat(fd)
+            if st is not None and (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino):
+                return fd
+            self._old_dirfds.append(fd)  # a channel may still use it
+            del self._dirfds[path]
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dirfds[path] = fd
         return fd
-
-    def _rdir_fd(self) -> int | None:
-        return self._dirfds.get(self.opts.record_dir or "")
-
-    def _sdir_fd(self) -> int | None:
-        return self._dirfds.get(self.opts.spool_dir or "")
 
     # ---- opening files ---------------------------------------------------------------
     def _open_channel(self, name: str, *, single: bool, label: str) -> Channel | None:
@@ -449,29 +471,29 @@ class Recorder:
             # Another ;N session (or direction) writes this very file now:
             # share it rather than truncate it under the other writer.
             return old
+        where = o.spool_dir if spool else o.record_dir
         try:
             recfmt.check_component(name)
-            recfmt.resolve_in(o.spool_dir if spool else o.record_dir, name)
-            self._dir_fd(o.record_dir)
-            dfd = self._dir_fd(o.spool_dir if spool else o.record_dir)
-            assert dfd is not None
+            recfmt.resolve_in(where, name)
+            rfd = self._dir_fd(o.record_dir)
+            dfd = self._dir_fd(where)
             if old is not None and not old.closed:
                 # The previous file of that name is still being closed (and
                 # moved out of the spool): open the new one after it, in order.
                 fd = -2
             else:
-                fd = os.open(name, _OPEN_FLAGS, FILE_MODE, dir_fd=dfd)
+                fd = create_file(name, dfd)
         except (OSError, ValueError) as exc:
             self.open_errors += 1
             log.error("can't open file %s for writing: %s", label, exc)
             return None
-        ch = Channel(name=name, fd=fd, spool=spool, pcap=o.pcap, single=single, label=label)
+        ch = Channel(name=name, fd=fd, spool=spool, pcap=o.pcap, single=single, label=label, dir_fd=dfd, rdir_fd=rfd)
         if o.pcap:
             ch.buf += recfmt.pcap_file_header()
         if not self.writer.running and not self._closed:
             self.writer.start()
         if fd == -2:
-            self.writer.submit(lambda: self.writer._open_late(ch, dfd))
+            self.writer.submit(lambda: self.writer._open_late(ch))
         self.channels.add(ch)
         self.by_name[name] = ch
         self.files_opened += 1
@@ -615,11 +637,16 @@ class Recorder:
         from .ports import PortsExhausted
 
         sett = self.dispatcher.settings
-        iface = None
-        for i in tuple(sett.ifaces) + tuple(sett.labelled):
-            if i.family == fam:
-                iface = i
-                break
+        # The configured address the kernel would send from towards the
+        # target (bridging: the right side), else the first of the family.
+        try:
+            with socket.socket(fam, socket.SOCK_DGRAM) as probe:
+                probe.connect((rhost, rport))
+                towards = probe.getsockname()[0]
+        except OSError:
+            towards = None
+        ours = [i for i in tuple(sett.ifaces) + tuple(sett.labelled) if i.family == fam]
+        iface = next((i for i in ours if i.addr == towards), ours[0] if ours else None)
         laddr = iface.addr if iface is not None else None
         try:
             port, socks = table.allocate(lambda p: bind_pair(fam, laddr, p, sett.tos))
@@ -756,7 +783,7 @@ class Recorder:
         every recording ended so far is closed (tests, operators' tools)."""
         import trio
 
-        await self.engine.barrier()
+        await self._engine_barrier()
         if not self.writer.running:
             return
         done = threading.Event()
@@ -768,6 +795,29 @@ class Recorder:
 
         self.writer.submit(job)
         await trio.to_thread.run_sync(done.wait, abandon_on_cancel=True)
+
+    def _local_engine(self) -> Any:
+        # Recorders only deal with the in-process engine (a sharded engine
+        # localises recorded sessions first).
+        return getattr(self.engine, "local", self.engine)
+
+    async def _engine_barrier(self) -> None:
+        """Wait until the media thread ran every job queued so far.
+
+        The nudge (a second, empty job) guards against a wake-up of the
+        media loop being lost; it costs nothing when the first one works.
+        """
+        import trio
+
+        eng = self._local_engine()
+        thread = getattr(eng, "_thread", None)
+        if thread is None or not thread.is_alive():
+            await eng.barrier()
+            return
+        ev = threading.Event()
+        eng.call(ev.set)
+        while not await trio.to_thread.run_sync(ev.wait, 0.25, abandon_on_cancel=True):
+            eng.call(_noop)
 
     def close(self) -> None:
         """Server closer: every session is gone; write and close everything."""
@@ -781,23 +831,34 @@ class Recorder:
         self.closing.clear()
         if not self.writer.stop(leftovers):
             log.error("the recording writer did not finish within %.0f s", JOIN_TIMEOUT)
-        for fd in self._dirfds.values():
+        for fd in list(self._dirfds.values()) + self._old_dirfds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._dirfds.clear()
+        self._old_dirfds.clear()
 
     def _barrier_sync(self, timeout: float) -> bool:
-        thread = getattr(self.engine, "_thread", None)
+        eng = self._local_engine()
+        thread = getattr(eng, "_thread", None)
         if thread is None or not thread.is_alive():
             return False
         ev = threading.Event()
-        self.engine.call(ev.set)
-        return ev.wait(timeout)
+        eng.call(ev.set)
+        deadline = time.monotonic() + timeout
+        while not ev.wait(0.25):
+            if time.monotonic() >= deadline:
+                return False
+            eng.call(_noop)
+        return True
 
 
 # ---- media-thread pieces -------------------------------------------------------------------
+def _noop() -> None:
+    pass
+
+
 def _set_hook(st: Stream, hook: Callable[..., None]) -> None:
     st.rec = hook
 
@@ -830,27 +891,8 @@ def attach(server: Any, cfg: Any) -> Recorder:
             except OSError as exc:  # rtpproxy only finds out at R time; say it now
                 log.warning("recording directory %s is not usable: %s", path, exc)
     if opts.record_all:
-        if hasattr(d, "on_created"):
-            d.on_created = rec.on_created
-        else:
-            _wrap_update(d, rec)
+        d.on_created = rec.on_created
     return rec
-
-
-def _wrap_update(d: Any, rec: Recorder) -> None:
-    """-a without a creation hook in the dispatcher: notice new sessions in U."""
-    orig = d.update
-
-    def update(cmd: Any, now: float, peer_host: str | None) -> str:
-        before = d.counters.nsess_created
-        reply = orig(cmd, now, peer_host)
-        if d.counters.nsess_created != before:
-            found = d.table.find(cmd.call_id, cmd.from_tag, None)
-            if found is not None:
-                rec.on_created(found[0])
-        return reply
-
-    d.update = update
 
 
 __all__ = ["Channel", "RecOptions", "RecStats", "Recorder", "Writer", "attach"]

@@ -14,7 +14,7 @@ import pytest
 
 import pyrtpproxy
 from pyrtpproxy import cli, logsetup
-from pyrtpproxy.cli import NOT_YET, USAGE, build_config, main
+from pyrtpproxy.cli import USAGE, build_config, main
 from pyrtpproxy.config import (
     BindAddr,
     BindArg,
@@ -442,35 +442,6 @@ def test_root_with_u_skips_check(monkeypatch, capsys):
 def test_not_root_no_warning(capsys):
     cfg("-s", "udp:127.0.0.1:22222")
     assert capsys.readouterr().err == ""
-
-
-# ---------------------------------------------------------------- NOT_YET
-
-
-NOT_YET_CASES = {
-    "-r (": ["-f", "-r", "/tmp"],
-    "-n (": ["-f", "-n", "tcp:127.0.0.1:9999"],
-    "-u (": ["-f", "-u", "root"],
-    "daemon mode": [],
-    "--prompt-dir": ["-f", "--prompt-dir", "/tmp"],
-    "--metrics": ["-f", "--metrics", "tcp:127.0.0.1:9100"],
-}
-
-
-@pytest.mark.parametrize("key", sorted(NOT_YET_CASES))
-def test_not_yet(capsys, fake_app, key):
-    messages = [m for m in NOT_YET if m.startswith(key)]
-    if not messages:
-        pytest.skip(f"{key} is implemented now")
-    err = fails(capsys, *NOT_YET_CASES[key])
-    assert err == f"rtpproxy: {messages[0]}\n"
-    assert "not supported yet" in err
-    assert fake_app == []
-
-
-def test_every_not_yet_entry_is_tested():
-    for message in NOT_YET:
-        assert any(message.startswith(k) for k in NOT_YET_CASES), message
 
 
 # ---------------------------------------------------------------- main() happy path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
@@ -114,7 +113,7 @@ async def test_record_both_directions_adhoc_with_spool(nursery, tmp_path):
     ra, rb = await Peer().bind(), await Peer().bind()
     await ra.send(rtcp_packet(0xA1), c.p_for_a + 1)
     await rb.send(rtcp_packet(0xB2), c.p_for_b + 1)
-    await relay.barrier()
+    await rec.sync()
     t1 = time.time()
     await rec.sync()
     assert files(rd) == []  # nothing leaves the spool while the call runs
@@ -381,7 +380,7 @@ async def test_record_all_pcap_single_file(nursery, tmp_path):
     s_b, _, _ = await c.b_to_a(3)
     ra = await Peer().bind()
     await ra.send(rtcp_packet(9), c.p_for_a + 1)
-    await relay.barrier()
+    await rec.sync()
     assert await relay.cmd("D allp fA") == "0"
     await rec.sync()
     r = read(rd / "allp=fA.pcap")
@@ -434,6 +433,51 @@ async def test_hostile_call_ids_stay_inside_the_recording_dir(nursery, tmp_path)
     assert "/etc/passwd" in decoded and ".." in decoded
 
 
+async def test_planted_links_are_replaced_not_followed(nursery, tmp_path):
+    relay, rec, rd, _ = await start(nursery, tmp_path, rtcp=False)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, rd / "call=fA.o.rtp")
+    os.link(victim, rd / "call=fA.a.rtp")
+    c = await Call(relay).setup()
+    assert await relay.cmd("R call fA tB") == "0" and await relay.cmd("R call tB fA") == "0"
+    await c.a_to_b(2)
+    assert await relay.cmd("D call fA") == "0"
+    await rec.sync()
+    assert victim.read_bytes() == b"precious"
+    assert not os.path.islink(rd / "call=fA.o.rtp")
+    assert len(read(rd / "call=fA.o.rtp").packets) == 2
+
+
+async def test_rotated_recording_dir_and_quick_restart(nursery, tmp_path):
+    relay, rec, rd, sd = await start(nursery, tmp_path, spool=True, rtcp=False)
+    c = await Call(relay).setup()
+    assert await relay.cmd("R call fA") == "0"
+    await c.a_to_b(2)
+    # N then R while the old file is still being closed (the writer is
+    # held up): the new file replaces the old one once that was moved
+    gate = threading.Event()
+    rec.writer.submit(gate.wait)
+    assert await relay.cmd("N call fA") == "0"
+    assert await relay.cmd("R call fA") == "0"
+    old = [c for c in rec.closing if c.name == "call=fA.o.rtp"]
+    assert len(old) == 1 and not old[0].closed
+    assert rec.by_name["call=fA.o.rtp"].fd == -2  # opened by the writer, after the close
+    sent, _, _ = await c.a_to_b(3, start=2)
+    gate.set()
+    assert await relay.cmd("N call fA") == "0"
+    await rec.sync()
+    assert files(sd) == [] and [p.data for p in read(rd / "call=fA.o.rtp").packets] == sent
+    # the operator rotates -r: new recordings go to the new directory
+    os.rename(rd, tmp_path / "rec.old")
+    rd.mkdir()
+    assert await relay.cmd("R call tB fA") == "0"
+    await c.b_to_a(1)
+    assert await relay.cmd("D call fA") == "0"
+    await rec.sync()
+    assert files(rd) == ["call=fA.a.rtp"] and files(tmp_path / "rec.old") == ["call=fA.o.rtp"]
+
+
 # ---- life cycle: timeout, disk errors, bounded queue ---------------------------------------------
 async def test_timeout_closes_and_moves_files(nursery, tmp_path, autojump_clock):
     relay, rec, rd, sd = await start(nursery, tmp_path, spool=True, clock=trio.current_time, ttl=20, setup_ttl=10)
@@ -474,10 +518,64 @@ async def test_disk_error_stops_only_that_recording(nursery, tmp_path, caplog):
     assert len(read(rd / "call=fA.o.rtp").packets) == 2
 
 
+async def test_a_stalled_disk_never_stalls_the_relay(nursery, tmp_path):
+    relay, rec, rd, _ = await start(nursery, tmp_path, rtcp=False)
+    c = await Call(relay).setup()
+    assert await relay.cmd("R call fA tB") == "0"
+    rec.writer.max_pkts = 50
+    gate = threading.Event()
+    rec.writer.submit(gate.wait)  # the writer is stuck on the disk
+    try:
+        with trio.fail_after(10):
+            sent, t0, t1 = await c.a_to_b(100)  # every packet still relayed at once
+            await c.b_to_a(10)
+    finally:
+        gate.set()
+    assert rec.statistics().pkts_dropped_queue == 50
+    assert await relay.cmd("D call fA") == "0"
+    await rec.sync()
+    assert [p.data for p in read(rd / "call=fA.o.rtp").packets] == sent[:50]
+
+
+async def test_open_error_is_an_error_reply_and_the_call_goes_on(nursery, tmp_path, monkeypatch, caplog):
+    import pyrtpproxy.recorder as recorder_mod
+
+    relay, rec, rd, _ = await start(nursery, tmp_path)
+    c = await Call(relay).setup()
+
+    def denied(name, dir_fd):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(recorder_mod, "create_file", denied)
+    with caplog.at_level(logging.ERROR, logger="pyrtpproxy.recorder"):
+        assert await relay.cmd("R call fA") == "E50"
+        assert await relay.cmd("C call name fA;1 tB;1") == "E65"
+    assert rec.statistics().open_errors == 2
+    assert any("Permission denied" in r.getMessage() for r in caplog.records)
+    await c.a_to_b(3)  # relaying is untouched
+    monkeypatch.undo()
+    assert await relay.cmd("R call fA") == "0"
+
+
+async def test_capabilities(nursery, tmp_path):
+    relay, _, _, _ = await start(nursery, tmp_path)
+    for code in ("20071218", "20200226", "20250523"):
+        assert await relay.cmd(f"VF {code}") == "1"
+
+
+def test_options_from_the_command_line():
+    from pyrtpproxy.cli import build_config
+
+    cfg = build_config(["-f", "-F", "-s", "udp:127.0.0.1:22222", "-r", "/r", "-S", "/s", "-P", "-a", "-R"])
+    assert RecOptions.from_config(cfg) == RecOptions("/r", "/s", pcap=True, record_all=True, rtcp=False)
+    cfg = build_config(["-f", "-F", "-s", "udp:127.0.0.1:22222"])
+    assert RecOptions.from_config(cfg) == RecOptions()
+
+
 def test_writer_bound_drops_and_counts(tmp_path):
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
     ch = Channel(name="f", fd=fd, spool=False, pcap=False, single=False, label="f")
-    w = Writer(rdir_fd=lambda: None, sdir_fd=lambda: None, max_pkts=10)
+    w = Writer(max_pkts=10)
     w.start()
     gate = threading.Event()
     w.submit(gate.wait)  # the disk "stalls"
