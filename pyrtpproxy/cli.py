@@ -21,6 +21,7 @@ import os
 import pwd
 import resource
 import sys
+from collections.abc import Sequence
 
 import attrs
 
