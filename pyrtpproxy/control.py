@@ -420,14 +420,10 @@ def _bind_unix(
     except OSError as e:
         raise ControlBindError(f"can't bind to a socket: {path}: {e.strerror}") from None
     else:
-        # A stale socket is replaced, and so is an EMPTY regular file (what
-        # `mktemp` leaves, as rtpproxy's own test harness passes); anything
-        # else (data, a directory, a device) is refused, not deleted.
-        empty_file = stat.S_ISREG(st.st_mode) and st.st_size == 0
-        if not stat.S_ISSOCK(st.st_mode) and not empty_file:
+        if not stat.S_ISSOCK(st.st_mode):
             raise ControlBindError(
                 f"can't bind to a socket: {path}: the path exists and is not a "
-                f"socket or an empty file; refusing to remove it"
+                f"socket; refusing to remove it"
             )
         try:
             os.unlink(path)

@@ -586,16 +586,6 @@ def test_unix_regular_file_refused(sockdir):
         assert f.read() == "keep me"
 
 
-def test_unix_empty_file_replaced(sockdir):
-    # rtpproxy's own test harness passes a file made by mktemp
-    path = os.path.join(sockdir, "tmp.XXXX")
-    open(path, "w").close()
-    b = bind_control(parse_control_url(f"unix:{path}"))
-    assert stat.S_ISSOCK(os.lstat(path).st_mode)
-    b.close()
-    assert not os.path.exists(path)
-
-
 def test_unix_close_leaves_foreign_file(sockdir):
     path = os.path.join(sockdir, "r.sock")
     b = bind_control(parse_control_url(path))
