@@ -370,6 +370,8 @@ def build_config(argv: Sequence[str]) -> Config:
             case "--no_redirect":
                 kw["no_redirect"] = True
             case "--prompt-dir":
+                if not os.path.isdir(arg):
+                    raise ConfigError(f"--prompt-dir {arg}: not a directory")
                 kw["prompt_dir"] = arg
             case "--metrics":
                 kw["metrics"] = arg

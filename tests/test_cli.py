@@ -142,12 +142,12 @@ def test_long_options():
     c = cfg(
         "-f", "--force_asymmetric", "--bridge_symmetric", "--no_resolve",
         "--no_redirect", "--nice", "5", "--overload_prot", "--config", "/etc/r.conf",
-        "--dso", "a.so", "--dso=b.so", "--prompt-dir", "/p", "--metrics=tcp:127.0.0.1:9100",
+        "--dso", "a.so", "--dso=b.so", "--prompt-dir", "/tmp", "--metrics=tcp:127.0.0.1:9100",
     )  # fmt: skip
     assert c.force_asymmetric and c.bridge_symmetric and c.no_resolve and c.no_redirect
     assert c.nice == 5 and c.overload_prot and c.config_file == "/etc/r.conf"
     assert c.dso == ("a.so", "b.so")
-    assert c.prompt_dir == "/p" and c.metrics == "tcp:127.0.0.1:9100"
+    assert c.prompt_dir == "/tmp" and c.metrics == "tcp:127.0.0.1:9100"
 
 
 def test_long_option_abbreviation():
@@ -646,3 +646,11 @@ def test_syslog_missing_is_not_an_error(tmp_path, capsys):
     finally:
         stop()
     assert not any(isinstance(h, logging.handlers.QueueHandler) for h in logging.getLogger().handlers)
+
+
+def test_prompt_dir_must_exist(tmp_path, capsys):
+    from pyrtpproxy import cli
+
+    rc = cli.main(["-f", "-F", "-s", "stdio:", "--prompt-dir", str(tmp_path / "nope")])
+    assert rc == 1
+    assert "not a directory" in capsys.readouterr().err
