@@ -47,7 +47,7 @@ $(VPY): | venv-deps
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(VPY)
-	$(VENV)/bin/pip install -e '.[test]'
+	$(VENV)/bin/pip install -e '.[test,bench]'
 	@touch $@
 
 # --- system packages (installed only when running as root, with apt-get) ------

@@ -144,8 +144,20 @@ class RelayProcess:
         return self.proc.pid
 
     def cpu_seconds(self) -> float:
+        """CPU time of the relay and of any processes it started (media workers)."""
         t = self.ps.cpu_times()
-        return t.user + t.system
+        total = t.user + t.system
+        try:
+            kids = self.ps.children(recursive=True)
+        except Exception:
+            kids = []
+        for k in kids:
+            try:
+                c = k.cpu_times()
+                total += c.user + c.system
+            except Exception:
+                pass
+        return total
 
     def rss(self) -> int:
         return self.ps.memory_info().rss
