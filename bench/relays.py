@@ -40,6 +40,8 @@ class RelaySpec:
         if text == "pyrtpproxy":
             return cls("pyrtpproxy", "pyrtpproxy", None, extra)
         label, sep, path = text.partition("=")
+        if sep and path == "pyrtpproxy":  # a second pyrtpproxy, e.g. with --workers
+            return cls(label, "pyrtpproxy", None, extra)
         if not sep:
             path, label = text, Path(text).name
         resolved = shutil.which(path) or path
