@@ -645,21 +645,16 @@ async def test_cunix_lines(nursery, handler, sockdir):
             nursery.cancel_scope.cancel()
 
 
-async def test_tcp_lines(nursery, handler):
+@pytest.mark.parametrize(
+    "url, family, host",
+    [("tcp:127.0.0.1:0", socket.AF_INET, "127.0.0.1"), ("tcp6:::1:0", socket.AF_INET6, "::1")],
+)
+async def test_tcp_lines(nursery, handler, url, family, host):
     with trio.fail_after(TIMEOUT):
-        bound = bind_control(parse_control_url("tcp:127.0.0.1:0"))
+        bound = bind_control(parse_control_url(url))
         with bound:
             await start(nursery, bound, handler)
-            await _persistent_lines(bound, socket.AF_INET, handler, "127.0.0.1")
-            nursery.cancel_scope.cancel()
-
-
-async def test_tcp6_lines(nursery, handler):
-    with trio.fail_after(TIMEOUT):
-        bound = bind_control(parse_control_url("tcp6:::1:0"))
-        with bound:
-            await start(nursery, bound, handler)
-            await _persistent_lines(bound, socket.AF_INET6, handler, "::1")
+            await _persistent_lines(bound, family, handler, host)
             nursery.cancel_scope.cancel()
 
 
