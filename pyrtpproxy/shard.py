@@ -259,15 +259,28 @@ class WorkerHandle:
         child.close()
         os.close(shm_fd)
         self.nsessions = 0
+        self.dead = False
         self._lock = None
         self._tokens = itertools.count(1)
 
+    @property
+    def alive(self) -> bool:
+        return not self.dead and self.proc.poll() is None
+
     def send(self, msg: tuple, fds: tuple[int, ...] = ()) -> None:
+        if self.dead:
+            return
         data = pickle.dumps(msg)
-        if fds:
-            socket.send_fds(self.ctrl, [data], list(fds))
-        else:
-            self.ctrl.sendall(data)
+        try:
+            if fds:
+                socket.send_fds(self.ctrl, [data], list(fds))
+            else:
+                self.ctrl.sendall(data)
+        except OSError as exc:
+            # The worker died: its sessions lose media until they end; new
+            # sessions go elsewhere (see assign).
+            self.dead = True
+            log.error("media worker %d (pid %d) is gone: %s", self.index, self.proc.pid, exc)
 
     async def request(self, msg_for: Callable[[int], tuple], kind: str) -> tuple:
         import trio
@@ -339,9 +352,10 @@ class ShardedEngine:
 
     # placement
     def assign(self) -> int | None:
-        if not self.workers:
-            return None
-        w = min(self.workers, key=lambda w: w.nsessions)
+        live = [w for w in self.workers if w.alive]
+        if not live:
+            return None  # relay in-process
+        w = min(live, key=lambda w: w.nsessions)
         w.nsessions += 1
         return w.index
 
@@ -406,7 +420,8 @@ class ShardedEngine:
     async def barrier(self) -> None:
         await self.local.barrier()
         for w in self.workers:
-            await w.request(lambda t: ("barrier", t), "barrier")
+            if w.alive:
+                await w.request(lambda t: ("barrier", t), "barrier")
 
     # counters
     def sync_stream(self, st: Stream, w: WorkerHandle | None = None) -> None:
@@ -464,8 +479,11 @@ class ShardedEngine:
         w = self.workers[shard]
         streams = [st for st in session.streams() if st.sid in self._owner]
         sids = [st.sid for st in streams]
-        reply = await w.request(lambda t: ("detach", t, sids), "detached")
-        states = reply[2]
+        if w.alive:
+            reply = await w.request(lambda t: ("detach", t, sids), "detached")
+            states = reply[2]
+        else:  # the worker died: take the sockets over with what we know
+            states = {}
         session.shard = None
         w.nsessions -= 1
         for st in streams:

@@ -90,3 +90,17 @@ async def test_fd_count_in_both_processes(nursery):
     await assert_fds_back_after_cycles(relay, 200)
     workers = [psutil.Process(w.proc.pid) for w in relay.server.engine.workers]
     assert all(w.num_fds() < 20 for w in workers)
+
+
+async def test_dead_worker_new_sessions_stay_in_process(nursery):
+    relay = await start_relay(nursery, workers=1)
+    engine = relay.server.engine
+    w = engine.workers[0]
+    w.proc.kill()
+    w.proc.wait()
+    a, b = await Peer().bind(), await Peer().bind()
+    p_for_b = port_of(await relay.cmd(f"U dead 127.0.0.1 {a.port} f"))
+    p_for_a = port_of(await relay.cmd(f"L dead 127.0.0.1 {b.port} f t"))
+    assert relay.dispatcher.table.find("dead", "f", None)[0].shard is None
+    await two_way(relay, a, b, p_for_a, p_for_b, n=2)
+    await relay.barrier()
