@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=12.0, help="measured seconds per step (default 12)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds of media first (default 2)")
     p.add_argument("--max-loss", type=float, default=0.1, help="loss limit in percent (default 0.1)")
+    p.add_argument("--late-ms", type=float, default=50.0,
+                   help="a packet delayed more than this counts as lost, as a jitter buffer would drop it; "
+                        "0 to count only real loss (default 50, at most 200)")
     p.add_argument("--retries", type=int, default=1, help="re-runs of a failing step before giving up (default 1)")
     p.add_argument("--ctl-clients", type=int, default=4, help="parallel control clients for set-up (default 4)")
     p.add_argument("--control-sessions", type=int, default=1000,
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         specs.append(RelaySpec(spec.label, spec.kind, spec.path, extra.get(spec.label, ())))
     if len({s.label for s in specs}) != len(specs):
         parser().error("two relays have the same label: use LABEL=PATH")
+    if args.late_ms > 200:
+        parser().error("--late-ms: at most 200 (the generator's latency histogram ends there)")
     relay_cpu, gen_cpu = (None, None) if args.no_pin else (args.relay_cpu, args.gen_cpu)
     usable = os.sched_getaffinity(0)
     for cpu in (relay_cpu, gen_cpu):
@@ -106,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("the media port range is too small for the largest step (4 ports per session)")
     opts = Options(
         relays=specs, steps=args.steps, duration=args.duration, warmup=args.warmup, max_loss=args.max_loss,
+        late_ms=args.late_ms if args.late_ms > 0 else None,
         retries=args.retries, ctl_clients=args.ctl_clients, control_sessions=args.control_sessions,
         control_clients=tuple(args.control_clients), relay_cpu=relay_cpu, gen_cpu=gen_cpu,
         gen_procs=args.gen_procs, gen_socks=args.gen_socks, generator=args.generator,

@@ -45,6 +45,7 @@ class Options:
     duration: float = 12.0
     warmup: float = 2.0
     max_loss: float = 0.1  # percent
+    late_ms: float | None = 50.0  # later than this counts as lost (a jitter buffer drops it)
     retries: int = 1
     ctl_clients: int = 4
     control_sessions: int = 1000
@@ -103,7 +104,10 @@ def machine_info(opts: Options) -> dict:
 
 
 def pct(hist: list[list[int]], bin_ns: int, p: float, total: int) -> float | None:
-    """Percentile (ms) of a sparse histogram [[bin, count], ...]."""
+    """Percentile (ms) of a sparse histogram [[bin, count], ...].
+
+    ``inf`` when it lies beyond the histogram's range (200 ms), None without data.
+    """
     if total <= 0:
         return None
     want = p / 100 * total
@@ -112,7 +116,10 @@ def pct(hist: list[list[int]], bin_ns: int, p: float, total: int) -> float | Non
         acc += c
         if acc >= want:
             return (b + 0.5) * bin_ns / 1e6
-    return None  # beyond the histogram
+    return float("inf")
+
+
+HIST_RANGE_MS = 200.0  # loadgen's histogram: 20000 bins of 10 us
 
 
 def merge_hist(results: list[dict]) -> list[list[int]]:
@@ -211,7 +218,14 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
     recv = sum(r["recv"] for r in results)
     hist = merge_hist(results)
     hist_total = sum(c for _, c in hist) + sum(r["hist_over"] for r in results)
+    # (hist_over: received, but later than the histogram's range)
     bin_ns = results[0]["hist_bin_ns"]
+    hist_over = sum(r["hist_over"] for r in results)
+    if opts.late_ms is None:
+        late = 0
+    else:
+        late_bin = int(opts.late_ms * 1e6 // bin_ns)
+        late = sum(c for b, c in hist if b >= late_bin) + hist_over
     wall = t1 - t0
     cpu = cpu1 - cpu0
     gen_cpu = sum(r["cpu_s"] for r in results) / max(r["wall_s"] for r in results)
@@ -221,6 +235,8 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
         "sent": sent,
         "recv": recv,
         "loss_pct": round(100.0 * (sent - recv) / sent, 4) if sent else None,
+        "late_pct": round(100.0 * late / sent, 4) if sent else None,
+        "eff_loss_pct": round(100.0 * (sent - recv + late) / sent, 4) if sent else None,
         "lossy_sessions": lossy_sessions,
         "lat_p50_ms": pct(hist, bin_ns, 50, hist_total),
         "lat_p90_ms": pct(hist, bin_ns, 90, hist_total),
@@ -240,8 +256,9 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
     })
     for k in ("lat_p50_ms", "lat_p90_ms", "lat_p99_ms"):
         if row[k] is not None:
-            row[k] = round(row[k], 3)
-    row["ok"] = bool(sent) and row["loss_pct"] <= opts.max_loss and alive and failed == 0
+            # JSON has no infinity: a percentile beyond the histogram is written as its range, flagged.
+            row[k] = round(row[k], 3) if row[k] != float("inf") else f">{HIST_RANGE_MS:g}"
+    row["ok"] = bool(sent) and row["eff_loss_pct"] <= opts.max_loss and alive and failed == 0
     return row
 
 
@@ -251,6 +268,7 @@ def run(opts: Options) -> dict:
     from . import report
 
     opts.out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(opts)  # before the harness pins itself
     if opts.gen_cpu is not None:
         # The harness (control clients, bookkeeping) stays off the relay's CPU.
         try:
@@ -263,7 +281,7 @@ def run(opts: Options) -> dict:
     meta = {
         "date": started.isoformat(timespec="seconds"),
         "command": opts.command_line,
-        "machine": machine_info(opts),
+        "machine": machine,
         "pinning": {
             "relay": f"taskset -c {opts.relay_cpu}" if opts.relay_cpu is not None else "none",
             "generator": f"taskset -c {opts.gen_cpu}" if opts.gen_cpu is not None else "none",
@@ -272,11 +290,11 @@ def run(opts: Options) -> dict:
         "generator": {"kind": gen_desc, "processes": opts.gen_procs, "sockets_per_side": opts.gen_socks,
                       "packet_bytes": 172, "pps_per_stream": 50, "streams_per_session": 2},
         "params": {"steps": opts.steps, "duration_s": opts.duration, "warmup_s": opts.warmup,
-                   "max_loss_pct": opts.max_loss, "retries": opts.retries, "ctl_clients": opts.ctl_clients,
+                   "max_loss_pct": opts.max_loss, "late_ms": opts.late_ms, "retries": opts.retries, "ctl_clients": opts.ctl_clients,
                    "control_sessions": opts.control_sessions, "control_clients": list(opts.control_clients),
                    "port_range": [opts.port_min, opts.port_max]},
         "relays": {s.label: {"kind": s.kind, "version": s.version(),
-                             "argv": s.command(0, opts.port_min, opts.port_max)} for s in opts.relays},
+                             "argv": s.command("CTLPORT", opts.port_min, opts.port_max)} for s in opts.relays},
         "workdir": str(workdir),
     }
     res: dict = {"meta": meta, "control": {}, "steps": [], "max_n": {}}

@@ -12,7 +12,6 @@ relay's limit.
 from __future__ import annotations
 
 import json
-import os
 import resource
 import select
 import socket

@@ -162,7 +162,18 @@ class RelayProcess:
         return total
 
     def rss(self) -> int:
-        return self.ps.memory_info().rss
+        """RSS of the relay plus that of any processes it started (media workers)."""
+        total = self.ps.memory_info().rss
+        try:
+            kids = self.ps.children(recursive=True)
+        except Exception:
+            kids = []
+        for k in kids:
+            try:
+                total += k.memory_info().rss
+            except Exception:
+                pass
+        return total
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

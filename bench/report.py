@@ -12,14 +12,20 @@ if TYPE_CHECKING:
 
 
 def _f(v, fmt: str = "{:.2f}", none: str = "-") -> str:
+    if isinstance(v, str):  # e.g. ">200": a latency beyond the histogram
+        return v
     return none if v is None else fmt.format(v)
+
+
+def _late(row: dict) -> float:
+    return row.get("eff_loss_pct", row.get("loss_pct")) or 0.0
 
 
 def step_line(row: dict) -> str:
     if "error" in row:
         return f"  {row['relay']:12s} N={row['n']:5d}  ERROR {row['error']}"
     flag = "ok" if row["ok"] else "FAIL"
-    return (f"  {row['relay']:12s} N={row['n']:5d}  loss {row['loss_pct']:8.4f} %  "
+    return (f"  {row['relay']:12s} N={row['n']:5d}  loss {row['loss_pct']:8.4f} %  late {_f(row.get('late_pct'), '{:.4f}')} %  "
             f"lat p50/p90/p99 {_f(row['lat_p50_ms'])}/{_f(row['lat_p90_ms'])}/{_f(row['lat_p99_ms'])} ms  "
             f"CPU {row['relay_cpu_pct']:5.1f} %  {_f(row['us_per_pkt'])} us/pkt  RSS {row['rss_mb']:.0f} MB  "
             f"gen CPU {row['gen_cpu_pct']:.0f} %  [{flag}]")
@@ -29,6 +35,7 @@ STEP_COLS = [
     ("relay", "relay", "{}"),
     ("N", "n", "{}"),
     ("loss %", "loss_pct", "{:.4f}"),
+    ("late %", "late_pct", "{:.4f}"),
     ("lat p50 ms", "lat_p50_ms", "{:.2f}"),
     ("p90", "lat_p90_ms", "{:.2f}"),
     ("p99", "lat_p99_ms", "{:.2f}"),
@@ -83,15 +90,22 @@ def control_table(res: dict) -> list[list[str]]:
 
 
 def max_table(res: dict) -> list[list[str]]:
-    rows = [["relay", "version", "max N at ≤ %.2g %% loss" % res["meta"]["params"]["max_loss_pct"],
-             "µs CPU/pkt at that N", "relay CPU % at that N", "first failing N (loss %)"]]
+    p = res["meta"]["params"]
+    crit = "max N at ≤ %.2g %% loss" % p["max_loss_pct"]
+    if p.get("late_ms") is not None:
+        crit += " (late > %g ms = lost)" % p["late_ms"]
+    rows = [["relay", "version", crit,
+             "µs CPU/pkt at that N", "relay CPU % at that N", "first failing N"]]
     for label, n in res["max_n"].items():
         at = [r for r in res["steps"] if r["relay"] == label and r["n"] == n and r.get("ok")]
         fail = [r for r in res["steps"] if r["relay"] == label and not r.get("ok")]
         last = fail[-1] if fail else None
         fail_txt = "not reached"
         if last is not None:
-            fail_txt = f"{last['n']} ({_f(last.get('loss_pct'), '{:.2f}', 'error')})"
+            if "error" in last:
+                fail_txt = f"{last['n']} (error)"
+            else:
+                fail_txt = f"{last['n']} ({_late(last):.2f} % lost or late; {last['loss_pct']:.2f} % lost)"
         rows.append([label, res["meta"]["relays"][label]["version"], str(n) if n else "< first step",
                      _f(at[-1]["us_per_pkt"] if at else None), _f(at[-1]["relay_cpu_pct"] if at else None, "{:.0f}"),
                      fail_txt])
@@ -135,12 +149,13 @@ def plot(res: dict, path: Path) -> bool:
         ns = sorted(by_n)
         if not ns:
             continue
-        axes[0].plot(ns, [max(by_n[n]["loss_pct"], floor) for n in ns], "o-", label=label)
+        axes[0].plot(ns, [max(_late(by_n[n]), floor) for n in ns], "o-", label=label)
         axes[1].plot(ns, [by_n[n]["relay_cpu_pct"] for n in ns], "o-", label=label)
         axes[2].plot(ns, [by_n[n]["us_per_pkt"] or 0 for n in ns], "o-", label=label)
     axes[0].axhline(res["meta"]["params"]["max_loss_pct"], color="grey", ls="--", lw=1)
     axes[0].set_yscale("log")
-    axes[0].set_ylabel(f"packet loss % (0 drawn at {floor:g})")
+    late = res["meta"]["params"].get("late_ms")
+    axes[0].set_ylabel(f"lost{f' or > {late:g} ms late' if late is not None else ''} % (0 drawn at {floor:g})")
     axes[1].set_ylabel("relay CPU % (one core)")
     axes[1].axhline(100, color="grey", ls="--", lw=1)
     axes[2].set_ylabel("µs of relay CPU per relayed packet")
@@ -175,7 +190,10 @@ def results_md(res: dict, png_rel: str | None) -> str:
         f"* Load: sessions of {g['streams_per_session']} streams × {g['pps_per_stream']} pkt/s of {g['packet_bytes']}-byte RTP "
         f"over loopback; generator: {g['kind']}, {g['processes']} process(es), {g['sockets_per_side']} sockets per side",
         f"* Each step: {p['warmup_s']} s warm-up, {p['duration_s']} s measured; a relay stops at the first step with "
-        f"loss above {p['max_loss_pct']} % (after {p['retries']} re-run(s)); control set-up with {p['ctl_clients']} parallel clients",
+        f"loss above {p['max_loss_pct']} % (after {p['retries']} re-run(s))"
+        + (f", where a packet more than {p['late_ms']:g} ms late counts as lost (a jitter buffer would discard it)"
+           if p.get("late_ms") is not None else "")
+        + f"; control set-up with {p['ctl_clients']} parallel clients",
         "",
         "Command:",
         "",
@@ -194,6 +212,7 @@ def results_md(res: dict, png_rel: str | None) -> str:
     lines += ["## Every step", "", md_table(steps_table(res)), "",
               "Latency is from the generator's send call to the kernel's receive timestamp of the relayed packet "
               "(SO_TIMESTAMPNS), so it includes the loopback path, not the receiver's scheduling. "
+              "\"late %\" is the share of packets that arrived but later than the late limit (counted as lost for pass/fail); "
               "\"kernel drops\" are receive-queue overflows on the relay's own sockets during the window. "
               "U/L/D per second here are at zero media load, while the step's sessions are set up and torn down.",
               ""]
