@@ -408,7 +408,6 @@ class Dispatcher:
                     i = (1 - pidx) if sub.reverse else pidx
                     if sub.ttl is not None:
                         s.ttl_override[i] = sub.ttl
-                        s.ttl_override[1 - i] = s.ttl_override[1 - i]
                         s.reset_ttl(now)
                         self.table.schedule(s)
                         self.on_schedule()

@@ -96,9 +96,7 @@ class Session:
     reset_at: list = attrs.Factory(lambda: [0.0, 0.0])
     ttl_override: list = attrs.Factory(lambda: [None, None])
     heap_deadline: float = math.inf
-    player: Any = None
     players: list = attrs.Factory(lambda: [None, None])
-    recorders: list = attrs.Factory(list)
     deleted: bool = False
     shard: int | None = None  # media worker process serving it (None: in-process)
 
