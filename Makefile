@@ -5,6 +5,7 @@
 #   make test        unit tests + Kamailio compat tests. On a fresh Debian 12
 #                    run as root, it installs what the tests need
 #                    (kamailio, sip-tester, tshark, mandoc) with apt-get.
+#   make check       layering contracts, ruff lint/format, mypy (part of test)
 #   make lint-man    check the man page with mandoc
 #
 # The virtualenv is $(VENV); it is created, and the package installed in it
@@ -27,16 +28,24 @@ TEST_TIMEOUT ?= 840
 APT_PACKAGES := kamailio sip-tester tshark mandoc
 KAMAILIO_RTPPROXY_SO ?= /usr/lib/x86_64-linux-gnu/kamailio/modules/rtpproxy.so
 
-.PHONY: help run test test-deps venv-deps lint-man
+.PHONY: help run test check test-deps venv-deps lint-man
 
 help:
-	@sed -n '3,8p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,9p' Makefile | sed 's/^# \{0,1\}//'
 
 run: $(STAMP)
 	$(VENV)/bin/pyrtpproxy $(ARGS)
 
-test: test-deps $(STAMP)
+test: test-deps $(STAMP) check
 	timeout -k 30 $(TEST_TIMEOUT) $(VPY) -m pytest tests compat-tests $(PYTEST_ARGS)
+
+# The tree's rules: layering contracts (pyproject.toml [tool.importlinter]),
+# lint and formatting (ruff), types of the pure packages (mypy).
+check: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check --no-cache .
+	$(VENV)/bin/ruff format --no-cache --check .
+	$(VENV)/bin/mypy --no-incremental
 
 lint-man:
 	mandoc -Tlint man/rtpproxy.8

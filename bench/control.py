@@ -57,7 +57,7 @@ class ControlClient:
                 self.sock.settimeout(left)
                 try:
                     reply = self.sock.recv(65536)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     break
                 except ConnectionRefusedError:
                     time.sleep(min(left, self.timeout / 4))

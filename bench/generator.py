@@ -166,7 +166,7 @@ class Generators:
         def collect(g: GenProcess) -> None:
             try:
                 g.wait_for("RESULT")
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=collect, args=(g,), daemon=True) for g in self.procs]

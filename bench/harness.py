@@ -30,11 +30,11 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import control
-from .generator import GenParams, Generators, build
+from .generator import Generators, GenParams, build
 from .relays import RelayProcess, RelaySpec, pin_prefix, udp_drops
 
 
@@ -229,7 +229,7 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
     wall = t1 - t0
     cpu = cpu1 - cpu0
     gen_cpu = sum(r["cpu_s"] for r in results) / max(r["wall_s"] for r in results)
-    lossy_sessions = len({(i, l[0]) for i, r in enumerate(results) for l in r["lossy"]})
+    lossy_sessions = len({(i, lo[0]) for i, r in enumerate(results) for lo in r["lossy"]})
     row.update({
         "sessions": n - failed,
         "sent": sent,
@@ -277,7 +277,7 @@ def run(opts: Options) -> dict:
             pass
     workdir = Path(tempfile.mkdtemp(prefix="pyrtpproxy-bench-"))
     gen_cmd, gen_desc = build(opts.generator, workdir)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     meta = {
         "date": started.isoformat(timespec="seconds"),
         "command": opts.command_line,
@@ -304,7 +304,7 @@ def run(opts: Options) -> dict:
         for spec in opts.relays:
             try:
                 res["control"][spec.label] = control_bench(opts, spec, workdir)
-            except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            except Exception as exc:
                 res["control"][spec.label] = {"error": str(exc)}
                 log(opts, f"  control {spec.label}: FAILED {exc}")
 
@@ -318,7 +318,7 @@ def run(opts: Options) -> dict:
             for attempt in range(opts.retries + 1):
                 try:
                     row = media_step(opts, spec, n, gen_cmd, workdir)
-                except Exception as exc:  # noqa: BLE001 - recorded as a failed step
+                except Exception as exc:
                     row = {"relay": spec.label, "n": n, "ok": False, "error": str(exc)}
                 row["attempt"] = attempt + 1
                 res["steps"].append(row)
@@ -333,7 +333,7 @@ def run(opts: Options) -> dict:
         res["max_n"] = dict(best)
         report.write_json(res, opts.out / "bench.json")
     res["max_n"] = dict(best)
-    res["meta"]["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    res["meta"]["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
     res["meta"]["still_passing_at_last_step"] = [s.label for s in active]
     report.write_all(res, opts)
     return res

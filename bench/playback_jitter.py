@@ -56,7 +56,7 @@ def control(addr, text: str, timeout: float = 5.0) -> str:
                     head, _, rest = s.recv(65535).decode().partition(" ")
                     if head == cookie:
                         return rest.strip()
-            except (socket.timeout, ConnectionRefusedError):
+            except (TimeoutError, ConnectionRefusedError):
                 time.sleep(0.05)
     raise TimeoutError(text)
 

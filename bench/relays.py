@@ -36,7 +36,7 @@ class RelaySpec:
     extra: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, text: str, extra: tuple[str, ...] = ()) -> "RelaySpec":
+    def parse(cls, text: str, extra: tuple[str, ...] = ()) -> RelaySpec:
         if text == "pyrtpproxy":
             return cls("pyrtpproxy", "pyrtpproxy", None, extra)
         label, sep, path = text.partition("=")
@@ -108,7 +108,7 @@ class RelayProcess:
 
     @classmethod
     def start(cls, spec: RelaySpec, *, ctl_port: int, port_min: int, port_max: int,
-              cpu: int | None, log_path: Path, ready_timeout: float = 20.0) -> "RelayProcess":
+              cpu: int | None, log_path: Path, ready_timeout: float = 20.0) -> RelayProcess:
         argv = pin_prefix(cpu) + spec.command(ctl_port, port_min, port_max)
         log = open(log_path, "ab")
         try:

@@ -224,7 +224,7 @@ def results_md(res: dict, png_rel: str | None) -> str:
     return "\n".join(lines)
 
 
-def write_all(res: dict, opts: "Options") -> None:
+def write_all(res: dict, opts: Options) -> None:
     out = opts.out
     write_json(res, out / "bench.json")
     png = out / "bench.png"

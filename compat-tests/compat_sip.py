@@ -83,7 +83,7 @@ class SipMessage:
 
     # -- parsing -----------------------------------------------------------
     @classmethod
-    def parse(cls, data: bytes) -> "SipMessage":
+    def parse(cls, data: bytes) -> SipMessage:
         head, sep, body = data.partition(b"\r\n\r\n")
         if not sep:
             raise ValueError(f"no end of headers in {data[:200]!r}")
@@ -344,7 +344,7 @@ class UA:
         self._invite: SipMessage | None = None
 
     @classmethod
-    async def open(cls, name: str, proxy: tuple[str, int]) -> "UA":
+    async def open(cls, name: str, proxy: tuple[str, int]) -> UA:
         sip = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
         rtp = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
         await sip.bind((LOOPBACK, 0))
@@ -473,7 +473,7 @@ class UA:
         return media
 
     # -- UAC side ------------------------------------------------------------
-    async def send_invite(self, target: "UA", late_offer: bool = False) -> SipMessage:
+    async def send_invite(self, target: UA, late_offer: bool = False) -> SipMessage:
         """Send the initial INVITE to `target` (through the proxy), with an
         SDP offer, or without one when late_offer."""
         self.call_id = f"{token(10)}@compat.test"
@@ -485,7 +485,7 @@ class UA:
         await self._send(self._invite.to_bytes(), self.proxy)
         return self._invite
 
-    async def invite(self, target: "UA", on_provisional=None, late_offer: bool = False
+    async def invite(self, target: UA, on_provisional=None, late_offer: bool = False
                      ) -> tuple[list[SipMessage], list[SdpMedia]]:
         """Initial INVITE to `target`; collect the responses, ACK the 2xx (with
         the SDP answer when late_offer).  Returns (responses, SDPs received)."""

@@ -144,7 +144,7 @@ def udp_control(addr: tuple[str, int], command: str, timeout: float = 5.0) -> st
                     head, _, rest = data.decode("utf-8", "replace").partition(" ")
                     if head == cookie:
                         return rest.rstrip("\n")
-            except (socket.timeout, ConnectionRefusedError):
+            except (TimeoutError, ConnectionRefusedError):
                 # nothing yet / port closed: wait a little, then send again
                 time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
                 continue
@@ -342,7 +342,7 @@ class Stack:
                     data = s.recv(65535).decode("utf-8", "replace")
                     if callid in data:
                         return data.startswith("SIP/2.0 200")
-            except socket.timeout:
+            except TimeoutError:
                 return False
 
     def stop(self) -> None:

@@ -18,9 +18,8 @@ section 5:
 
 from __future__ import annotations
 
-import trio
-
 import compat_sip
+import trio
 from compat_sip import UA, SdpMedia, describe_exception, gather
 
 PACKETS = 50  # RTP packets each way per media check

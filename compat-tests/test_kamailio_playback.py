@@ -39,9 +39,9 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from compat_sip import UA, establish_call, gather
-from pyrtpproxy import makeann
+
+from pyrtpproxy.tools import makeann
 
 CHUNK = 80  # PCMU bytes per played packet (10 ms)
 PROMPT_CHUNKS = 20  # the prompt: 200 ms, 20 packets
@@ -107,7 +107,7 @@ class Party:
             await self.ua.rtp.sendto(pkt, self.ua.remote_media)
             await trio.sleep(INTERVAL)
 
-    async def recv_loop(self, peer: "Party") -> None:
+    async def recv_loop(self, peer: Party) -> None:
         while True:
             data, src = await self.ua.rtp.recvfrom(65535)
             if data in peer.sent:

@@ -10,7 +10,7 @@ recording ends (here: the D Kamailio sends for the BYE).  The media_stack
 variants record in the ad-hoc format and, with -P, in pcap.
 
 Checks: after media and the BYE, both files exist in -r (and nothing of the
-call is left in -S); read with pyrtpproxy.recfmt they hold exactly the RTP
+call is left in -S); read with pyrtpproxy.formats.recfmt they hold exactly the RTP
 and RTCP packets A sent after the 200 to the INFO, byte for byte, in order,
 with A's source addresses (pcap: to the relay ports A sent to, valid
 checksums); none of A's packets from before the INFO, none of B's; no file
@@ -24,9 +24,9 @@ import struct
 from pathlib import Path
 
 import trio
-
 from compat_sip import LOOPBACK, check_media, establish_call, gather, make_rtp_stream
-from pyrtpproxy import recfmt
+
+from pyrtpproxy.formats import recfmt
 
 PACKETS = 40  # RTP packets each way while recording
 RTCP_MIN = 5  # RTCP packets B must get before A stops sending them

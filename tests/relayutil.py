@@ -8,9 +8,9 @@ import struct
 
 import trio
 
-from pyrtpproxy import control
-from pyrtpproxy.app import Server
-from pyrtpproxy.dispatcher import Iface, Settings
+from pyrtpproxy.daemon import control
+from pyrtpproxy.daemon.app import Server
+from pyrtpproxy.daemon.dispatcher import Iface, Settings
 
 V4 = Iface(socket.AF_INET, "127.0.0.1")
 V6 = Iface(socket.AF_INET6, "::1")
@@ -76,7 +76,7 @@ class Peer:
         self.host = host
         self.sock = trio.socket.socket(family, socket.SOCK_DGRAM)
 
-    async def bind(self, port=0) -> "Peer":
+    async def bind(self, port=0) -> Peer:
         await self.sock.bind((self.host, port))
         self.port = self.sock.getsockname()[1]
         return self

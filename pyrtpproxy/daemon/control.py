@@ -1,0 +1,830 @@
+"""Control sockets: parse ``-s`` URLs, bind them, and serve commands.
+
+Three steps, kept apart because the application binds every socket before
+Trio starts (and before it daemonises and drops privileges):
+
+1. :func:`parse_control_url` turns a ``-s`` argument into a :class:`ControlSpec`.
+2. :func:`bind_control` (synchronous) creates the non-blocking socket(s) and
+   returns a :class:`BoundControl`; its ``close()`` also unlinks a UNIX socket
+   file it created.
+3. :func:`serve` (Trio) answers commands on a :class:`BoundControl` with a
+   :class:`CommandHandler` until cancelled.
+
+Framing per kind (protocol.md section 1):
+
+* ``udp``/``udp6``: one command per datagram, first token is a cookie that is
+  echoed before the reply. Replies are cached for 35 s by (source address,
+  cookie); a retransmission gets the cached reply and is not run again.
+* ``unix``: one read per connection is one command; reply, then close.
+* ``cunix``/``tcp``/``tcp6``/``systemd``: persistent connections,
+  ``\\n``-terminated lines, replies in order.
+* ``stdio``/``stdioc``: lines on fd 0, replies on fd 1; ``on_eof`` at EOF.
+
+Policies chosen here (rtpproxy's behaviour unless said otherwise):
+
+* A request longer than 8191 bytes (UDP datagram or ``unix:`` read) is
+  answered as an empty command (the handler gets ``b""``, i.e. ``E5``);
+  rtpproxy would silently run the first 8191 bytes.
+* A stream line longer than 8191 bytes closes that connection (rtpproxy: its
+  8 KiB buffer fills and the connection is dropped). On stdio it ends the
+  service like EOF does.
+* At most ``max_connections`` (100) connections per listening socket; past
+  that, new connections are accepted and closed at once.
+* ``unix:`` connections get ``oneshot_timeout`` (10 s) to send their command
+  and to take the reply; then they are closed. Persistent connections have no
+  idle timeout (OpenSIPS keeps ``cunix``/``tcp`` connections open for ever).
+* If the handler raises, the error is logged and ``E5`` is sent in its place.
+  A handler that returns ``b""`` sends nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ..protocol.framing import (
+    CMD_BUFLEN,
+    LineFramer,
+    ReplyCache,
+    split_cookie,
+    strip_oneshot,
+)
+
+__all__ = [
+    "BoundControl",
+    "CommandHandler",
+    "ControlBindError",
+    "ControlSpec",
+    "DEFAULT_PORT",
+    "KINDS",
+    "MAX_CONNECTIONS",
+    "ONESHOT_TIMEOUT",
+    "bind_control",
+    "parse_control_url",
+    "serve",
+    "systemd_listen_fd",
+]
+
+log = logging.getLogger("pyrtpproxy.control")
+
+DEFAULT_PORT = 22222
+#: Control socket kinds, in the order rtpproxy checks the prefixes.
+KINDS = ("udp", "udp6", "unix", "cunix", "systemd", "stdio", "stdioc", "tcp", "tcp6")
+#: Concurrent accepted connections per listening socket (rtpproxy: 100).
+MAX_CONNECTIONS = 100
+#: Seconds a ``unix:`` one-shot client has to send its command / read the reply.
+ONESHOT_TIMEOUT = 10.0
+#: Listen backlog of stream sockets (rtpproxy: 32).
+LISTEN_BACKLOG = 32
+#: SO_RCVBUF of UDP and TCP control sockets (rtpproxy: 16 KiB).
+CONTROL_RCVBUF = 16 * 1024
+#: First fd passed by systemd socket activation.
+SD_LISTEN_FDS_START = 3
+#: Sent when the handler raises.
+INTERNAL_ERROR_REPLY = b"E5\n"
+#: Peer host reported for UNIX and stdio controllers.
+LOCAL_PEER = "127.0.0.1"
+
+# serving modes of a BoundControl
+DATAGRAM = "datagram"
+ONESHOT = "oneshot"
+STREAM = "stream"
+STDIO = "stdio"
+
+_CLOSED_ERRNOS = (errno.EBADF, errno.ENOTSOCK, errno.EINVAL)
+_SUN_PATH_MAX = 108  # sizeof(sun_path) on Linux, including the NUL
+
+
+class CommandHandler(Protocol):
+    """What :func:`serve` calls. The dispatcher implements it."""
+
+    async def handle(self, data: bytes, peer_host: str | None) -> bytes:
+        """Run one command (no cookie; may be ``b""``) and return the whole
+        reply without cookie, ending in ``b"\\n"``."""
+        ...
+
+    def note_received(self) -> None:
+        """A command was received and will be run (``ncmds_rcvd``)."""
+        ...
+
+    def note_duplicate(self) -> None:
+        """A UDP retransmission was answered from the reply cache
+        (``ncmds_rcvd_ndups``); ``note_received`` is not called for it."""
+        ...
+
+
+class ControlBindError(Exception):
+    """A control socket could not be set up; the message says why."""
+
+
+# --------------------------------------------------------------------------
+# URL parsing
+
+
+@attrs.frozen
+class ControlSpec:
+    """A parsed ``-s`` argument.
+
+    ``kind`` is one of :data:`KINDS`. ``host``/``port`` are set for
+    udp/udp6/tcp/tcp6 (``host`` ``"*"`` means every address), ``path`` for
+    unix/cunix. ``text`` is the argument as given.
+    """
+
+    kind: str
+    host: str | None = None
+    port: int = 0
+    path: str | None = None
+    text: str = attrs.field(default="", eq=False)
+
+    @property
+    def is_datagram(self) -> bool:
+        return self.kind in ("udp", "udp6")
+
+    @property
+    def is_unix(self) -> bool:
+        return self.kind in ("unix", "cunix")
+
+    @property
+    def is_stdio(self) -> bool:
+        return self.kind in ("stdio", "stdioc")
+
+    @property
+    def family(self) -> int | None:
+        if self.kind in ("udp", "tcp"):
+            return socket.AF_INET
+        if self.kind in ("udp6", "tcp6"):
+            return socket.AF_INET6
+        if self.is_unix:
+            return socket.AF_UNIX
+        return None
+
+    def __str__(self) -> str:
+        if self.host is not None:
+            return f"{self.kind}:{self.host}:{self.port}"
+        if self.path is not None:
+            return f"{self.kind}:{self.path}"
+        return f"{self.kind}:"
+
+
+_PREFIXES = tuple((k, k + ":") for k in KINDS)
+
+
+def parse_control_url(s: str) -> ControlSpec:
+    """Parse a control socket argument (``-s``).
+
+    ``udp:HOST[:PORT]``, ``udp6:HOST[:PORT]``, ``tcp:…``, ``tcp6:…``: the last
+    ``:`` separates the port (so ``udp6:::1:22326``; ``udp6:::1`` would be
+    host ``:`` and is rejected); no port or an empty one means 22222.
+    ``unix:PATH``, ``cunix:PATH``, or a bare ``PATH`` (no known prefix).
+    ``stdio:``, ``stdioc:``, ``systemd:`` take nothing after the colon.
+    Raises ``ValueError`` with a readable message.
+    """
+    if not isinstance(s, str):
+        raise TypeError("control socket must be a str")
+    if "\0" in s:
+        raise ValueError(f"invalid control socket {s!r}: NUL character")
+    kind, rest = "unix", s
+    for k, prefix in _PREFIXES:
+        if s.startswith(prefix):
+            kind, rest = k, s[len(prefix) :]
+            break
+
+    if kind in ("unix", "cunix"):
+        if not rest:
+            raise ValueError(f"invalid control socket {s!r}: empty socket path")
+        if len(os.fsencode(rest)) >= _SUN_PATH_MAX:
+            raise ValueError(
+                f"invalid control socket {s!r}: socket name is too long "
+                f"(at most {_SUN_PATH_MAX - 1} bytes)"
+            )
+        return ControlSpec(kind=kind, path=rest, text=s)
+
+    if kind in ("stdio", "stdioc", "systemd"):
+        if rest:
+            raise ValueError(
+                f"invalid control socket {s!r}: nothing may follow {kind + ':'!r}"
+            )
+        return ControlSpec(kind=kind, text=s)
+
+    # udp, udp6, tcp, tcp6
+    host, sep, port_s = rest.rpartition(":")
+    if not sep:
+        host, port_s = rest, ""
+    if not host:
+        raise ValueError(
+            f"invalid control socket {s!r}: missing host (use '*' for every address)"
+        )
+    if host.startswith("[") or host.endswith("]"):
+        raise ValueError(
+            f"invalid control socket {s!r}: brackets are not accepted around "
+            f"IPv6 addresses; the last ':' separates the port, e.g. "
+            f"'{kind}:::1:{DEFAULT_PORT}'"
+        )
+    if any(c.isspace() for c in host):
+        raise ValueError(f"invalid control socket {s!r}: blank in host")
+    if ":" in host:
+        if kind in ("udp", "tcp"):
+            raise ValueError(
+                f"invalid control socket {s!r}: {host!r} is not an IPv4 host "
+                f"(IPv6 needs '{kind}6:')"
+            )
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"invalid control socket {s!r}: {host!r} is not an IPv6 address "
+                f"(the last ':' separates the port, so give one: "
+                f"'{kind}:{rest}:{DEFAULT_PORT}')"
+            ) from None
+    if port_s == "":
+        port = DEFAULT_PORT
+    else:
+        if not (port_s.isascii() and port_s.isdigit()):
+            raise ValueError(f"invalid control socket {s!r}: bad port {port_s!r}")
+        port = int(port_s)
+        if port > 65535:
+            raise ValueError(
+                f"invalid control socket {s!r}: port {port} out of range 0..65535"
+            )
+    return ControlSpec(kind=kind, host=host, port=port, text=s)
+
+
+# --------------------------------------------------------------------------
+# Binding
+
+
+@attrs.define(eq=False)
+class BoundControl:
+    """Bound (not yet served) control socket(s) for one :class:`ControlSpec`.
+
+    ``mode`` is ``"datagram"``, ``"oneshot"``, ``"stream"`` or ``"stdio"``.
+    ``sock`` is the non-blocking stdlib socket (``None`` for stdio, which
+    holds duplicates of the stdin/stdout fds in ``in_fd``/``out_fd``).
+    ``close()`` closes everything and unlinks a UNIX socket file created by
+    :func:`bind_control` (if it is still the same file). It is idempotent;
+    the object is also a context manager.
+    """
+
+    spec: ControlSpec
+    mode: str
+    sock: socket.socket | None = None
+    in_fd: int | None = None
+    out_fd: int | None = None
+    unlink_path: str | None = None
+    _unlink_id: tuple[int, int] | None = None
+    closed: bool = False
+
+    @property
+    def sockname(self) -> Any:
+        """``getsockname()`` of the socket (the real port when bound to 0)."""
+        if self.sock is None:
+            return None
+        return self.sock.getsockname()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.sock is not None:
+            self.sock.close()
+        for fd in (self.in_fd, self.out_fd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if self.unlink_path is not None:
+            try:
+                st = os.lstat(self.unlink_path)
+            except OSError:
+                return
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._unlink_id:
+                try:
+                    os.unlink(self.unlink_path)
+                except OSError as e:
+                    log.warning("can't unlink %s: %s", self.unlink_path, e.strerror)
+
+    def __enter__(self) -> BoundControl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def systemd_listen_fd(environ: Mapping[str, str] | None = None) -> int:
+    """Return the single fd passed by systemd socket activation.
+
+    Requires ``LISTEN_PID`` to be this process and ``LISTEN_FDS`` to be 1;
+    raises :class:`ControlBindError` otherwise. Like ``sd_listen_fds(0)`` it
+    sets close-on-exec on the fd and leaves the environment alone.
+    """
+    env = os.environ if environ is None else environ
+    pid_s = env.get("LISTEN_PID")
+    nfds_s = env.get("LISTEN_FDS")
+    if not pid_s or not nfds_s:
+        raise ControlBindError(
+            "systemd: no socket passed by systemd (LISTEN_PID/LISTEN_FDS not set)"
+        )
+    try:
+        pid = int(pid_s)
+        nfds = int(nfds_s)
+    except ValueError:
+        raise ControlBindError(
+            f"systemd: bad LISTEN_PID/LISTEN_FDS ({pid_s!r}, {nfds_s!r})"
+        ) from None
+    if pid != os.getpid():
+        raise ControlBindError(
+            f"systemd: the passed sockets are for pid {pid}, not this process"
+        )
+    if nfds > 1:
+        raise ControlBindError("systemd: too many file descriptors received")
+    if nfds < 1:
+        raise ControlBindError("systemd: no socket passed by systemd")
+    fd = SD_LISTEN_FDS_START
+    try:
+        os.set_inheritable(fd, False)
+    except OSError as e:
+        raise ControlBindError(f"systemd: fd {fd}: {e.strerror}") from None
+    return fd
+
+
+def _resolve(spec: ControlSpec, socktype: int, no_resolve: bool) -> tuple[int, Any]:
+    family = spec.family
+    assert family is not None and spec.host is not None
+    host: str | None = spec.host
+    if host == "*" or (family == socket.AF_INET and host == "0.0.0.0") or (
+        family == socket.AF_INET6 and host == "::"
+    ):
+        host = None
+    flags = socket.AI_PASSIVE
+    if host is not None and no_resolve:
+        flags |= socket.AI_NUMERICHOST
+    try:
+        infos = socket.getaddrinfo(host, spec.port, family, socktype, 0, flags)
+    except socket.gaierror as e:
+        raise ControlBindError(
+            f"can't resolve {spec.host!r} for control socket {spec.text or spec}: "
+            f"{e.strerror}"
+        ) from None
+    if not infos:  # pragma: no cover - getaddrinfo raises instead
+        raise ControlBindError(f"can't resolve {spec.host!r}")
+    fam, _, _, _, sockaddr = infos[0]
+    return fam, sockaddr
+
+
+def _bind_inet(spec: ControlSpec, socktype: int, no_resolve: bool) -> socket.socket:
+    family, sockaddr = _resolve(spec, socktype, no_resolve)
+    sock = socket.socket(family, socktype)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if socktype == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CONTROL_RCVBUF)
+        except OSError as e:  # pragma: no cover - not expected on Linux
+            log.error("unable to set 16K receive buffer size on controlfd: %s", e)
+        try:
+            sock.bind(sockaddr)
+        except OSError as e:
+            raise ControlBindError(
+                f"can't bind to a socket: {spec.text or spec}: {e.strerror}"
+            ) from None
+        if socktype == socket.SOCK_STREAM:
+            sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_unix(
+    spec: ControlSpec, sock_mode: int | None, owner: tuple[int, int] | None
+) -> BoundControl:
+    path = spec.path
+    assert path is not None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ControlBindError(f"can't bind to a socket: {path}: {e.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlBindError(
+                f"can't bind to a socket: {path}: the path exists and is not a "
+                f"socket; refusing to remove it"
+            )
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ControlBindError(
+                f"can't remove the old socket {path}: {e.strerror}"
+            ) from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        try:
+            sock.bind(path)
+        except OSError as e:
+            raise ControlBindError(
+                f"can't bind to a socket: {path}: {e.strerror}"
+            ) from None
+        bound = True
+        st = os.lstat(path)
+        if owner is not None:
+            try:
+                os.chown(path, owner[0], owner[1])
+            except OSError as e:
+                raise ControlBindError(
+                    f"can't set owner of the socket: {path}: {e.strerror}"
+                ) from None
+        if sock_mode is not None:
+            try:
+                os.chmod(path, sock_mode)
+            except OSError as e:
+                raise ControlBindError(
+                    f"can't set mode {sock_mode:o} on the socket: {path}: {e.strerror}"
+                ) from None
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        if bound:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
+    mode = ONESHOT if spec.kind == "unix" else STREAM
+    return BoundControl(
+        spec=spec,
+        mode=mode,
+        sock=sock,
+        unlink_path=path,
+        unlink_id=(st.st_dev, st.st_ino),
+    )
+
+
+def bind_control(
+    spec: ControlSpec,
+    *,
+    sock_mode: int | None = None,
+    owner: tuple[int, int] | None = None,
+    no_resolve: bool = False,
+    environ: Mapping[str, str] | None = None,
+    stdio_fds: tuple[int, int] = (0, 1),
+) -> BoundControl:
+    """Create the socket(s) for ``spec``; synchronous, call before Trio runs.
+
+    * udp/udp6: datagram socket, SO_RCVBUF 16 KiB, IPV6_V6ONLY for udp6.
+    * tcp/tcp6: listening socket (backlog 32, SO_REUSEADDR, V6ONLY for tcp6).
+    * unix/cunix: an existing path is removed only if it is a socket;
+      ``owner`` ``(uid, gid)`` is applied with chown (-1 keeps one) and then
+      ``sock_mode`` with chmod, before listen(32). ``close()`` unlinks it.
+    * systemd: the one fd from LISTEN_FDS/LISTEN_PID (stream: lines;
+      a datagram socket is served like udp).
+    * stdio/stdioc: duplicates of ``stdio_fds`` (default stdin, stdout).
+
+    ``no_resolve``: numeric hosts only (``--no_resolve``).
+    Raises :class:`ControlBindError`.
+    """
+    kind = spec.kind
+    if kind in ("udp", "udp6"):
+        sock = _bind_inet(spec, socket.SOCK_DGRAM, no_resolve)
+        return BoundControl(spec=spec, mode=DATAGRAM, sock=sock)
+    if kind in ("tcp", "tcp6"):
+        sock = _bind_inet(spec, socket.SOCK_STREAM, no_resolve)
+        return BoundControl(spec=spec, mode=STREAM, sock=sock)
+    if kind in ("unix", "cunix"):
+        return _bind_unix(spec, sock_mode, owner)
+    if kind == "systemd":
+        fd = systemd_listen_fd(environ)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise ControlBindError(
+                f"systemd: fd {fd} is not a socket: {e.strerror}"
+            ) from None
+        try:
+            if sock.type == socket.SOCK_DGRAM:
+                mode = DATAGRAM
+            elif sock.type == socket.SOCK_STREAM:
+                if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    raise ControlBindError(
+                        f"systemd: fd {fd} is not a listening socket "
+                        f"(use Accept=false in the .socket unit)"
+                    )
+                mode = STREAM
+            else:
+                raise ControlBindError(f"systemd: fd {fd} has an unsupported socket type")
+            sock.setblocking(False)
+        except BaseException:
+            sock.detach()
+            raise
+        return BoundControl(spec=spec, mode=mode, sock=sock)
+    if kind in ("stdio", "stdioc"):
+        try:
+            in_fd = os.dup(stdio_fds[0])
+        except OSError as e:
+            raise ControlBindError(f"{kind}: can't use stdin: {e.strerror}") from None
+        try:
+            out_fd = os.dup(stdio_fds[1])
+        except OSError as e:
+            os.close(in_fd)
+            raise ControlBindError(f"{kind}: can't use stdout: {e.strerror}") from None
+        return BoundControl(spec=spec, mode=STDIO, in_fd=in_fd, out_fd=out_fd)
+    raise ValueError(f"unknown control socket kind {kind!r}")  # pragma: no cover
+
+
+# --------------------------------------------------------------------------
+# Serving
+
+
+async def _run_handler(handler: CommandHandler, data: bytes, peer: str | None) -> bytes:
+    try:
+        reply = await handler.handle(data, peer)
+    except Exception:
+        log.exception("command handler failed on %r", data[:200])
+        return INTERNAL_ERROR_REPLY
+    if not isinstance(reply, (bytes, bytearray, memoryview)):
+        log.error("command handler returned %r, not bytes", type(reply).__name__)
+        return INTERNAL_ERROR_REPLY
+    return bytes(reply)
+
+
+def _peer_host(addr: Any) -> str:
+    if isinstance(addr, tuple) and addr and isinstance(addr[0], str):
+        return addr[0]
+    return LOCAL_PEER
+
+
+async def serve(
+    bound: BoundControl,
+    handler: CommandHandler,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    on_eof: Callable[[], None] | None = None,
+    reply_cache: ReplyCache | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+    oneshot_timeout: float = ONESHOT_TIMEOUT,
+) -> None:
+    """Serve commands on ``bound`` until cancelled.
+
+    Calls ``task_status.started()`` once it is accepting. ``on_eof`` is called
+    (stdio/stdioc only) when stdin reaches EOF or fails; ``serve`` then
+    returns. ``reply_cache``: share one :class:`ReplyCache` between several
+    UDP sockets (default: one per call). The sockets are not closed here;
+    that is ``bound.close()``'s job, after ``serve`` has been cancelled.
+    """
+    if bound.closed:
+        raise trio.ClosedResourceError("control socket already closed")
+    if bound.mode == DATAGRAM:
+        if reply_cache is None:
+            reply_cache = ReplyCache()
+        await _serve_datagram(bound, handler, reply_cache, task_status)
+    elif bound.mode in (ONESHOT, STREAM):
+        await _serve_listener(
+            bound, handler, task_status, max_connections, oneshot_timeout
+        )
+    elif bound.mode == STDIO:
+        await _serve_stdio(bound, handler, task_status, on_eof)
+    else:  # pragma: no cover
+        raise ValueError(f"unknown mode {bound.mode!r}")
+
+
+async def _serve_datagram(
+    bound: BoundControl,
+    handler: CommandHandler,
+    cache: ReplyCache,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    assert bound.sock is not None
+    sock = trio.socket.from_stdlib_socket(bound.sock)
+    task_status.started()
+    bufsize = CMD_BUFLEN  # one more than rtpproxy keeps, to spot oversize
+    while True:
+        try:
+            data, addr = await sock.recvfrom(bufsize)
+        except OSError as e:
+            if e.errno in _CLOSED_ERRNOS:
+                raise trio.ClosedResourceError(f"control socket {bound.spec} closed") from e
+            # e.g. ECONNREFUSED left by an ICMP error; never fatal
+            log.debug("recvfrom on %s: %s", bound.spec, e)
+            continue
+        cookie, cmd = split_cookie(data)
+        if len(data) >= bufsize:
+            log.warning(
+                "control datagram from %s too long (>= %d bytes), rejected",
+                addr, bufsize,
+            )
+            cmd = b""
+        peer = _peer_host(addr)
+        if cookie is None:
+            # nothing usable: rtpproxy answers a bare E5 (not cached)
+            handler.note_received()
+            reply = await _run_handler(handler, b"", peer)
+        else:
+            key = (addr[0], addr[1], cookie)
+            cached = cache.get(key, trio.current_time())
+            if cached is not None:
+                handler.note_duplicate()
+                await _sendto(sock, cached, addr)
+                continue
+            handler.note_received()
+            reply = await _run_handler(handler, cmd, peer)
+            if reply:
+                reply = cookie + b" " + reply
+                cache.put(key, reply, trio.current_time())
+        if reply:
+            await _sendto(sock, reply, addr)
+
+
+async def _sendto(sock: trio.socket.SocketType, data: bytes, addr: Any) -> None:
+    try:
+        await sock.sendto(data, addr)
+    except OSError as e:
+        log.warning("can't send control reply to %s: %s", addr, e)
+
+
+@attrs.define(eq=False)
+class _ConnCount:
+    active: int = 0
+    full_logged: bool = False
+
+
+async def _serve_listener(
+    bound: BoundControl,
+    handler: CommandHandler,
+    task_status: trio.TaskStatus[None],
+    max_connections: int,
+    oneshot_timeout: float,
+) -> None:
+    assert bound.sock is not None
+    lsock = trio.socket.from_stdlib_socket(bound.sock)
+    is_unix = bound.sock.family == socket.AF_UNIX
+    conn_fn = _oneshot_conn if bound.mode == ONESHOT else _stream_conn
+    count = _ConnCount()
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                conn, addr = await lsock.accept()
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue
+                if e.errno in _CLOSED_ERRNOS:
+                    raise trio.ClosedResourceError(
+                        f"control socket {bound.spec} closed"
+                    ) from e
+                log.error("can't accept connection on control socket %s: %s",
+                          bound.spec, e)
+                # EMFILE/ENFILE/ENOBUFS/ENOMEM: back off instead of spinning
+                await trio.sleep(0.1)
+                continue
+            if count.active >= max_connections:
+                conn.close()
+                if not count.full_logged:
+                    log.warning(
+                        "control socket %s: %d connections open, refusing more",
+                        bound.spec, count.active,
+                    )
+                    count.full_logged = True
+                continue
+            count.active += 1
+            peer = LOCAL_PEER if is_unix else _peer_host(addr)
+            nursery.start_soon(
+                _conn_wrapper, conn_fn, conn, handler, peer, count,
+                max_connections, oneshot_timeout,
+            )
+
+
+async def _conn_wrapper(
+    fn: Callable[..., Any],
+    conn: trio.socket.SocketType,
+    handler: CommandHandler,
+    peer: str,
+    count: _ConnCount,
+    max_connections: int,
+    oneshot_timeout: float,
+) -> None:
+    try:
+        await fn(trio.SocketStream(conn), handler, peer, oneshot_timeout)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        log.debug("control connection from %s: %s", peer, e)
+    finally:
+        conn.close()
+        count.active -= 1
+        if count.active < max_connections:
+            count.full_logged = False
+
+
+async def _oneshot_conn(
+    stream: trio.SocketStream,
+    handler: CommandHandler,
+    peer: str,
+    timeout: float,
+) -> None:
+    data = b""
+    with trio.move_on_after(timeout) as scope:
+        data = await stream.receive_some(CMD_BUFLEN)
+    if scope.cancelled_caught:
+        log.debug("unix control connection sent nothing in %g s, closed", timeout)
+        return
+    if not data:
+        return  # connected and left: costs nothing
+    handler.note_received()
+    if len(data) >= CMD_BUFLEN:
+        log.warning("unix control command too long (>= %d bytes), rejected", CMD_BUFLEN)
+        cmd = b""
+    else:
+        cmd = strip_oneshot(data)
+    reply = await _run_handler(handler, cmd, peer)
+    if reply:
+        with trio.move_on_after(timeout):
+            await stream.send_all(reply)
+
+
+async def _stream_conn(
+    stream: trio.SocketStream,
+    handler: CommandHandler,
+    peer: str,
+    timeout: float,
+) -> None:
+    framer = LineFramer(CMD_BUFLEN)
+    while True:
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        for line in framer.feed(data):
+            if line is None:
+                log.warning(
+                    "control connection from %s: line longer than %d bytes, closing",
+                    peer, CMD_BUFLEN - 1,
+                )
+                return
+            handler.note_received()
+            reply = await _run_handler(handler, line, peer)
+            if reply:
+                await stream.send_all(reply)
+
+
+async def _serve_stdio(
+    bound: BoundControl,
+    handler: CommandHandler,
+    task_status: trio.TaskStatus[None],
+    on_eof: Callable[[], None] | None,
+) -> None:
+    assert bound.in_fd is not None and bound.out_fd is not None
+    # own duplicates, so that closing the streams leaves bound's fds alone
+    rstream = trio.lowlevel.FdStream(os.dup(bound.in_fd))
+    wstream = trio.lowlevel.FdStream(os.dup(bound.out_fd))
+    framer = LineFramer(CMD_BUFLEN)
+    try:
+        task_status.started()
+        while True:
+            try:
+                data = await rstream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                log.error("can't read from control %s: %s", bound.spec, e)
+                break
+            if not data:
+                log.debug("EOF on control %s", bound.spec)
+                break
+            stop = False
+            for line in framer.feed(data):
+                if line is None:
+                    log.error(
+                        "control %s: line longer than %d bytes, closing",
+                        bound.spec, CMD_BUFLEN - 1,
+                    )
+                    stop = True
+                    break
+                handler.note_received()
+                reply = await _run_handler(handler, line, LOCAL_PEER)
+                if reply:
+                    try:
+                        await wstream.send_all(reply)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                        log.error("can't write to control %s: %s", bound.spec, e)
+                        stop = True
+                        break
+            if stop:
+                break
+    finally:
+        rstream.close()
+        wstream.close()
+    if on_eof is not None:
+        on_eof()

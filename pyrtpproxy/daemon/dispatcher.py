@@ -1,0 +1,645 @@
+"""Runs parsed commands against the session table and the media engine.
+
+This is the only module that touches several subsystems.  Every transport
+calls :meth:`Dispatcher.handle` with one command's bytes (cookie already
+removed) and gets the reply text back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from ..media.engine import MediaEngine, bind_pair
+from ..protocol import caps
+from ..protocol import commands as C
+from ..protocol.ecodes import ECode, RtppError
+from ..sessions import stats as S
+from ..sessions.ports import PortsExhausted, PortTable
+from ..sessions.session import Session, SessionTable, Stream
+
+log = logging.getLogger("pyrtpproxy")
+
+
+@attrs.frozen
+class Iface:
+    """A local address media sockets bind to."""
+
+    family: int  # socket.AF_INET / AF_INET6
+    addr: str | None  # None: wildcard
+    adv: str | None = None  # advertised in replies instead of addr
+    label: str | None = None
+
+    @property
+    def shown(self) -> str | None:
+        return self.adv or self.addr
+
+
+@attrs.frozen
+class Settings:
+    """What the dispatcher needs from the configuration."""
+
+    ifaces: tuple[Iface, ...] = (Iface(socket.AF_INET, None),)
+    bridge: bool = False
+    labelled: tuple[Iface, ...] = ()
+    port_min: int = 35000
+    port_max: int = 64998
+    sequential: bool = False
+    skip_ports: tuple[int, ...] = ()
+    ttl: int = 60
+    setup_ttl: int = 60
+    independent_ttl: bool = False
+    tos: int | None = 0xB8
+    force_asymmetric: bool = False
+    bridge_symmetric: bool = False
+    notify_targets: tuple[str, ...] = ()
+
+    def parse_env(self) -> C.ParseEnv:
+        fams = {i.family for i in self.ifaces + self.labelled}
+        return C.ParseEnv(
+            bridge=self.bridge,
+            has_ipv4=socket.AF_INET in fams,
+            has_ipv6=socket.AF_INET6 in fams,
+            labels=frozenset(i.label for i in self.labelled if i.label),
+            notify=bool(self.notify_targets),
+        )
+
+
+def _remote_tuple(remote: tuple[str, int] | None, port_delta: int = 0) -> tuple | None:
+    if remote is None:
+        return None
+    host, port = remote
+    port = (port + port_delta) & 0xFFFF
+    if ":" in host:
+        return (host, port, 0, 0)
+    return (host, port)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: MediaEngine,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        parse: Callable[[bytes, C.ParseEnv], Any] | None = None,
+    ) -> None:
+        from ..protocol.parser import parse_command
+
+        self.settings = settings
+        self.engine = engine
+        self.clock = clock
+        self._parse = parse or parse_command
+        self.env = settings.parse_env()
+        self.table = SessionTable(independent_ttl=settings.independent_ttl)
+        self.table.refresh = engine.sync
+        self.counters = S.Counters()
+        self.ports: dict[int, PortTable] = {}
+        for fam in {i.family for i in settings.ifaces + settings.labelled}:
+            self.ports[fam] = PortTable(
+                settings.port_min,
+                settings.port_max,
+                sequential=settings.sequential,
+                skip=settings.skip_ports,
+            )
+        self.draining = False
+        self.on_schedule: Callable[[], None] = lambda: None  # timer wake-up
+        self.on_empty: Callable[[], None] = lambda: None  # drain finished
+        self.on_timeout: Callable[[Session], None] = lambda s: None  # notify hook
+        self.on_created: Callable[[Session], None] = lambda s: None  # -a hook
+        self._pps_sample = (clock(), 0)
+        self._lock: Any = None  # a trio.Lock, made on first use inside Trio
+        # Hooks the recording/playback issues fill in.
+        self.recording = None
+        self.playback = None
+
+    # ---- transport interface ---------------------------------------------
+    def note_received(self) -> None:
+        self.counters.ncmds_rcvd += 1
+
+    def note_duplicate(self) -> None:
+        self.counters.ncmds_rcvd_ndups += 1
+
+    async def handle(self, data: bytes, peer_host: str | None = None) -> bytes:
+        """Run one command; commands never interleave (rtpproxy's global lock)."""
+        if self._lock is None:
+            import trio
+
+            self._lock = trio.Lock()
+        async with self._lock:
+            return await self._handle(data, peer_host)
+
+    async def _handle(self, data: bytes, peer_host: str | None) -> bytes:
+        log.debug("received command \"%s\"", data.decode("utf-8", "replace").rstrip("\r\n"))
+        try:
+            cmd = self._parse(data, self.env)
+            reply = await self.execute(cmd, peer_host)
+            self.counters.ncmds_succd += 1
+        except RtppError as exc:
+            reply = exc.reply()
+            self.counters.ncmds_errs += 1
+            log.debug("command failed: E%d %s", exc.code, exc.msg)
+        except Exception:
+            log.exception("internal error while running a command")
+            reply = "E%d" % ECode.PARSE_1
+            self.counters.ncmds_errs += 1
+        self.counters.ncmds_repld += 1
+        out = reply + "\n"
+        log.debug("sending reply \"%s\"", reply.replace("\n", "\\n"))
+        return out.encode("utf-8", "surrogateescape")
+
+    # ---- commands ------------------------------------------------------------
+    async def execute(self, cmd: Any, peer_host: str | None = None) -> str:
+        now = self.clock()
+        t = type(cmd)
+        if t is C.Update:
+            return self.update(cmd, now, peer_host)
+        if t is C.Version:
+            return "20040107"
+        if t is C.VersionFeature:
+            return "1" if caps.supports(cmd.datecode, notify=self.env.notify) else "0"
+        if t is C.Delete:
+            return self.delete(cmd, now)
+        if t is C.DeleteAll:
+            for s in list(self.table):
+                self.destroy(s, now)
+            return "0"
+        if t is C.Info:
+            return self.info(cmd)
+        if t is C.Stats:
+            return self.stats(cmd, now)
+        if t is C.Query:
+            return self.query(cmd, now)
+        if t is C.Record:
+            return await self.record(cmd, now)
+        if t is C.Copy:
+            return await self.copy(cmd, now)
+        if t is C.NoRecord:
+            return await self.norecord(cmd, now)
+        if t is C.Play:
+            return await self.play(cmd, now)
+        if t is C.StopPlay:
+            return await self.stop_play(cmd, now)
+        raise RtppError(ECode.CMDUNKN)
+
+    # ---- U / L ---------------------------------------------------------------
+    def _iface_for(self, cmd: C.Update, which: int) -> Iface:
+        """Interface of the stream facing this command's party (which=0) or the other (1)."""
+        st = self.settings
+        m = cmd.mods
+        if m.local_label is not None:
+            for i in st.labelled + st.ifaces:
+                if i.label == m.local_label:
+                    return i
+            raise RtppError(ECode.INVLARG_1)
+        if m.local_addr is not None:
+            return self._local_iface(m.local_addr)
+        if m.remote_addr is not None:
+            return self._iface_towards(m.remote_addr)
+        if st.bridge:
+            if m.ifaces:
+                idx = m.ifaces[which] if which < len(m.ifaces) else m.ifaces[0]
+                return st.ifaces[idx]
+            return st.ifaces[0]
+        fam = socket.AF_INET6 if m.ipv6 else socket.AF_INET
+        first = st.ifaces[0]
+        if first.family == fam:
+            return first
+        for i in st.ifaces + st.labelled:
+            if i.family == fam:
+                return i
+        raise RtppError(ECode.INVLARG_6)
+
+    def _local_iface(self, text: str) -> Iface:
+        host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        for i in self.settings.ifaces + self.settings.labelled:
+            if i.addr == host:
+                return i
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            try:
+                info = socket.getaddrinfo(host, None, 0, socket.SOCK_DGRAM, 0, socket.AI_PASSIVE)
+                ip = ipaddress.ip_address(info[0][4][0])
+            except (OSError, ValueError, IndexError):
+                raise RtppError(ECode.INVLARG_1) from None
+        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return Iface(fam, str(ip))
+
+    def _iface_towards(self, text: str) -> Iface:
+        host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        try:
+            ip = ipaddress.ip_address(host)
+            fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+            with socket.socket(fam, socket.SOCK_DGRAM) as s:
+                s.connect((str(ip), 9))
+                local = s.getsockname()[0]
+        except (OSError, ValueError):
+            raise RtppError(ECode.INVLARG_2) from None
+        for i in self.settings.ifaces + self.settings.labelled:
+            if i.addr == local:
+                return i
+        return Iface(fam, local)
+
+    def _allocate(self, st: Stream, iface: Iface, new_session: bool) -> None:
+        """Give ``st`` (RTP) and its RTCP twin a fresh port pair on ``iface``."""
+        table = self.ports.get(iface.family)
+        if table is None:
+            table = self.ports[iface.family] = PortTable(
+                self.settings.port_min, self.settings.port_max, sequential=self.settings.sequential
+            )
+        tos = self.settings.tos
+        try:
+            port, (rtp, rtcp) = table.allocate(lambda p: bind_pair(iface.family, iface.addr, p, tos))
+        except PortsExhausted:
+            log.error("can't create listener: port range exhausted or address not available")
+            raise RtppError(ECode.LSTFAIL_2 if new_session else ECode.LSTFAIL_1) from None
+        twin = st.rtcp_twin
+        self._release(st, final=False)
+        for s, sock, p in ((st, rtp, port), (twin, rtcp, port + 1)):
+            s.sock = sock
+            s.fd = sock.fileno()
+            s.port = p
+            s.laddr = iface.addr
+            s.family = iface.family
+            s.shown = iface.shown
+            self.engine.add(s)
+        st.tos = tos
+
+    def _release(self, st: Stream, final: bool = True) -> None:
+        """Close ``st``'s (RTP) pair and give the port back."""
+        if st.sock is None:
+            return
+        table = self.ports.get(st.family)
+        if table is not None:
+            table.release(st.port)
+        self.engine.remove(st, final=final)
+        self.engine.remove(st.rtcp_twin, final=final)
+
+    def _reply_addr(self, st: Stream) -> str:
+        shown = st.shown
+        if shown is None:
+            return str(st.port)
+        if st.family == socket.AF_INET6:
+            return f"{st.port} {shown} 6"
+        return f"{st.port} {shown}"
+
+    def update(self, cmd: C.Update, now: float, peer_host: str | None) -> str:
+        sett = self.settings
+        found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        new_session = False
+        if not cmd.lookup:
+            if found is None:
+                if self.draining:
+                    raise RtppError(ECode.SLOWSHTDN)
+                s = Session.new(cmd.call_id, cmd.from_tag, now, sett.setup_ttl)
+                s.shard = self.engine.assign()
+                pidx = 0
+                new_session = True
+            else:
+                s, pidx = found
+        else:
+            if found is None:
+                log.info("lookup on unknown session, tags %s/%s", cmd.from_tag, cmd.to_tag, extra={"callid": cmd.call_id})
+                return "0"
+            s, idx = found
+            pidx = 1 - idx
+        rtp = s.rtp[pidx]
+        other = s.rtp[1 - pidx]
+        if new_session:
+            # The creating U decides both streams' interfaces (bridging).
+            this_iface = self._iface_for(cmd, 0)
+            other_iface = self._iface_for(cmd, 1)
+            other.pending_iface = this_iface
+            self._allocate(rtp, other_iface, True)
+            self.table.add(s)
+            self.counters.nsess_created += 1
+            self.on_created(s)
+            log.info(
+                "new %s session, tag %s; RTP port %d",
+                "IPv6" if rtp.family == socket.AF_INET6 else "IPv4",
+                cmd.from_tag,
+                rtp.port,
+                extra={"callid": cmd.call_id},
+            )
+        elif rtp.sock is None or cmd.mods.new_port:
+            iface = rtp.pending_iface
+            if iface is None or cmd.mods.local_addr or cmd.mods.local_label or cmd.mods.remote_addr:
+                iface = self._iface_for(cmd, 1)
+            self._allocate(rtp, iface, False)
+        # The command's address belongs to the party behind stream 1-pidx.
+        party = other
+        asym = cmd.mods.asymmetric
+        if asym is None:
+            asym = sett.force_asymmetric or (sett.bridge and not sett.bridge_symmetric)
+        remote = _remote_tuple(cmd.remote)
+        rremote = _remote_tuple(cmd.remote, 1)
+        party_rtcp = party.rtcp_twin
+        self.engine.call(_apply_prefill, party, party_rtcp, remote, rremote, bool(asym), cmd.on_hold, now)
+        if not cmd.lookup:
+            if cmd.mods.weak:
+                s.weak[pidx] = True
+            else:
+                s.strong = True
+            s.notify_socket = None
+            s.notify_tag = None
+            if cmd.notify_socket is not None:
+                self._arm_notify(s, cmd, peer_host)
+        if cmd.mods.codecs is not None:
+            s.codecs[1 - pidx] = cmd.mods.codecs
+            s.codecs_text[1 - pidx] = cmd.mods.codecs_text
+        if cmd.mods.ptime is not None:
+            s.ptime[1 - pidx] = cmd.mods.ptime
+        if not s.complete and s.rtp[0].sock is not None and s.rtp[1].sock is not None:
+            s.complete = True
+            self.counters.nsess_complete += 1
+            for st in s.streams():
+                self.engine.call(_set_active, st)
+        s.reset_ttl(now, sett.ttl if s.complete else sett.setup_ttl)
+        self.table.schedule(s)
+        self.on_schedule()
+        reply = self._reply_addr(rtp)
+        if cmd.subcommands:
+            reply = self._subcommands(reply, cmd, s, pidx, now, peer_host)
+        return reply
+
+    def _arm_notify(self, s: Session, cmd: C.Update, peer_host: str | None) -> None:
+        from .notifier import match_target
+
+        sock = cmd.notify_socket
+        if match_target(sock, self.settings.notify_targets) is None:
+            log.error("invalid socket name %s", sock, extra={"callid": cmd.call_id})
+            return
+        s.notify_socket = sock
+        s.notify_tag = cmd.notify_tag
+        s.notify_host = peer_host or "127.0.0.1"
+
+    def _subcommands(self, reply: str, cmd: Any, s: Session, pidx: int, now: float, peer_host: str | None) -> str:
+        parts = [reply]
+        pending = 0
+        delete = False
+        for sub in cmd.subcommands:
+            try:
+                if isinstance(sub, C.SubLookup):
+                    lk = C.Update(
+                        lookup=True,
+                        call_id=cmd.call_id,
+                        addr=sub.addr,
+                        port=sub.port,
+                        from_tag=cmd.from_tag,
+                        to_tag=cmd.to_tag,
+                        mods=sub.mods,
+                        remote=sub.remote,
+                        on_hold=sub.on_hold,
+                    )
+                    r = self.update(lk, now, peer_host)
+                    if r == "0":
+                        raise RtppError(ECode.SESUNKN)
+                    parts.extend(["0"] * pending)
+                    pending = 0
+                    parts.append(r)
+                elif isinstance(sub, C.SubDelete):
+                    delete = sub
+                    pending += 1
+                elif isinstance(sub, C.SubSet):
+                    i = (1 - pidx) if sub.reverse else pidx
+                    if sub.ttl is not None:
+                        s.ttl_override[i] = sub.ttl
+                        s.reset_ttl(now)
+                        self.table.schedule(s)
+                        self.on_schedule()
+                    if sub.tos is not None:
+                        self.engine.call(_set_tos, s.rtp[i], sub.tos)
+                    pending += 1
+            except RtppError:
+                parts.append("-1")
+                break
+        if delete:
+            self._delete_sessions([(s, 0)], delete.weak, now)
+        return " && ".join(parts)
+
+    # ---- D / X -----------------------------------------------------------------
+    def _delete_sessions(self, matches: list, weak: bool, now: float) -> bool:
+        did = False
+        for s, idx in matches:
+            if weak:
+                if s.weak[idx]:
+                    s.weak[idx] = False
+                    did = True
+            else:
+                if s.strong:
+                    s.strong = False
+                did = True
+            if not s.strong and not s.weak[0] and not s.weak[1]:
+                self.destroy(s, now)
+                did = True
+        return did
+
+    def delete(self, cmd: C.Delete, now: float) -> str:
+        matches = self.table.find_prefix(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        if not matches:
+            raise RtppError(ECode.SESUNKN)
+        if not self._delete_sessions(matches, cmd.weak, now):
+            raise RtppError(ECode.SESUNKN)
+        return "0"
+
+    def destroy(self, s: Session, now: float, *, timeout: bool = False) -> None:
+        if s.deleted:
+            return
+        self.engine.sync(s)
+        self.table.remove(s)
+        if self.playback is not None:
+            self.playback.session_gone(s)
+        if self.recording is not None:
+            self.recording.session_gone(s)
+        for st in s.rtp:
+            self._release(st)
+        self.engine.release_session(s.shard)
+        c = self.counters
+        c.nsess_destroyed += 1
+        if timeout:
+            c.nsess_timeout += 1
+        c.total_duration += max(0.0, now - s.created)
+        nrtp = sum(1 for st in s.rtp if st.npkts_in)
+        nrtcp = sum(1 for st in s.rtcp if st.npkts_in)
+        if nrtp == 0:
+            c.nsess_nortp += 1
+        elif nrtp == 1:
+            c.nsess_owrtp += 1
+        if nrtcp == 0:
+            c.nsess_nortcp += 1
+        elif nrtcp == 1:
+            c.nsess_owrtcp += 1
+        log.info(
+            "session on tag %s %s; RTP packets in %d/%d, relayed %d, dropped %d",
+            s.tag,
+            "timed out" if timeout else "deleted",
+            s.rtp[1].npkts_in,
+            s.rtp[0].npkts_in,
+            s.rtp[0].nrelayed + s.rtp[1].nrelayed,
+            s.rtp[0].ndropped + s.rtp[1].ndropped,
+            extra={"callid": s.call_id},
+        )
+        if len(self.table) == 0 and self.draining:
+            self.on_empty()
+
+    def expire(self, now: float) -> list[Session]:
+        gone = self.table.expire(now)
+        for s in gone:
+            self.destroy(s, now, timeout=True)
+            self.on_timeout(s)
+        return gone
+
+    # ---- I / G / Q ---------------------------------------------------------------
+    def info(self, cmd: C.Info) -> str:
+        c = self.counters
+        rcvd, relayed, _ = self.engine.totals()
+        lines = [
+            f"sessions created: {c.nsess_created}",
+            f"active sessions: {c.nsess_created - c.nsess_destroyed}",
+            f"active streams: {2 * len(self.table)}",
+            f"packets received: {rcvd}",
+            f"packets transmitted: {relayed + c.npkts_played}",
+        ]
+        if cmd.load:
+            lines.append("average load: 0.000000")
+        return "\n".join(lines)
+
+    def global_values(self, now: float | None = None) -> dict[str, float]:
+        c = self.counters
+        rcvd, relayed, dropped = self.engine.totals()
+        now = self.clock() if now is None else now
+        t0, r0 = self._pps_sample
+        pps = (rcvd - r0) / (now - t0) if now - t0 >= 1.0 else getattr(self, "_pps_last", 0.0)
+        if now - t0 >= 1.0:
+            self._pps_sample = (now, rcvd)
+            self._pps_last = pps
+        vals = {name: getattr(c, name, 0) for name in S.GLOBAL_COUNTERS}
+        vals.update(npkts_rcvd=rcvd, npkts_relayed=relayed, npkts_discard=dropped, pps_in=pps)
+        return vals
+
+    def stats(self, cmd: C.Stats, now: float) -> str:
+        vals = self.global_values(now)
+        out = []
+        for name in cmd.names:
+            kind = S.GLOBAL_COUNTERS[name][0]
+            v = S.format_value(kind, vals[name])
+            out.append(f"{name}={v}" if cmd.verbose else v)
+        return " ".join(out)
+
+    def query(self, cmd: C.Query, now: float) -> str:
+        found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        if found is None:
+            raise RtppError(ECode.SESUNKN)
+        if cmd.deferred_error is not None:
+            raise RtppError(cmd.deferred_error)
+        s, idx = found
+        pidx = 1 - idx
+        self.engine.sync(s)
+        vals: dict[str, float] = {
+            "ttl": s.ttl_left(now, self.table.independent),
+            "npkts_ina": s.rtp[pidx].npkts_in,
+            "npkts_ino": s.rtp[1 - pidx].npkts_in,
+            "nrelayed": s.rtp[0].nrelayed + s.rtp[1].nrelayed,
+            "ndropped": s.rtp[0].ndropped + s.rtp[1].ndropped,
+        }
+        names = cmd.names or S.QUERY_DEFAULT
+        out = []
+        for name in names:
+            kind = S.QUERY_COUNTERS[name]
+            v = S.format_value(kind, vals.get(name, 0))
+            out.append(f"{name}={v}" if cmd.verbose else v)
+        reply = " ".join(out)
+        if cmd.subcommands:
+            reply = self._subcommands(reply, cmd, s, pidx, now, None)
+        return reply
+
+    # ---- R / C / N / P / S (effects come with the recording/playback issues) ---
+    async def record(self, cmd: C.Record, now: float) -> str:
+        matches = self.table.find_prefix(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        if self.recording is None:
+            # Without -r the recorder cannot be created: rtpproxy answers E50.
+            raise RtppError(ECode.SESUNKN)
+        for s, _ in matches:
+            await self.engine.localize(s)
+        return await self.recording.record(cmd, matches, now)
+
+    async def copy(self, cmd: C.Copy, now: float) -> str:
+        found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        if found is None:
+            raise RtppError(ECode.SESUNKN)
+        if self.recording is None:
+            raise RtppError(ECode.CPYFAIL)
+        await self.engine.localize(found[0])
+        return await self.recording.copy(cmd, found, now)
+
+    async def norecord(self, cmd: C.NoRecord, now: float) -> str:
+        matches = self.table.find_prefix(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        if self.recording is None or not matches:
+            raise RtppError(ECode.SESUNKN)
+        return await self.recording.norecord(cmd, matches, now)
+
+    async def play(self, cmd: C.Play, now: float) -> str:
+        found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        if found is None:
+            raise RtppError(ECode.SESUNKN)
+        s, idx = found
+        pidx = 1 - idx
+        if self.playback is not None:
+            await self.engine.localize(s)
+            return await self.playback.play(cmd, s, pidx, now)
+        if cmd.count == 0:
+            return "0"
+        if cmd.codecs == "session" and s.codecs[pidx] is None:
+            raise RtppError(ECode.INVLARG_5)
+        raise RtppError(ECode.PLRFAIL)
+
+    async def stop_play(self, cmd: C.StopPlay, now: float) -> str:
+        found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        if found is None:
+            raise RtppError(ECode.SESUNKN)
+        s, idx = found
+        if self.playback is not None:
+            self.playback.stop(s, 1 - idx)
+        return "0"
+
+    # ---- shutdown -----------------------------------------------------------------
+    def close_all(self) -> None:
+        now = self.clock()
+        for s in list(self.table):
+            self.destroy(s, now)
+
+
+# ---- jobs run in the media thread ---------------------------------------------------
+def _apply_prefill(rtp: Stream, rtcp: Stream, remote, rremote, asym: bool, hold: bool, now: float) -> None:
+    from ..sessions import latch
+
+    for st in (rtp, rtcp):
+        if st.asymmetric != asym:
+            st.asymmetric = asym
+            st.latched = asym
+            if asym:
+                st.untrusted = False
+        st.on_hold = hold
+    latch.prefill(rtp, remote, now)
+    latch.prefill(rtcp, rremote, now)
+
+
+def _set_active(st: Stream) -> None:
+    st.active = True
+
+
+def _set_tos(st: Stream, tos: int) -> None:
+    st.tos = tos
+    for s in (st, st.rtcp_twin):
+        if s.sock is not None and s.family == socket.AF_INET:
+            try:
+                s.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+            except OSError:
+                pass

@@ -1,0 +1,336 @@
+"""The media engine: one thread, one ``select.epoll``, every media socket.
+
+The control plane (Trio) binds media sockets, registers them with the epoll
+set and closes them (epoll_ctl and close are thread-safe, and closing at once
+frees the port for the next allocation).  Every change to a stream's relay
+state goes through a command queue (a deque of callables) and an eventfd
+that wakes the loop; the loop runs queued work before it looks at any packet
+of the same wake-up, so a U/L that was answered is always in force for the
+packets that follow it.
+
+Per packet the loop does: ``recvfrom_into`` a preallocated buffer, a dict
+lookup from fd to its Stream, the latch fast path (source equals the latched
+remote), ``sendto`` out of the peer stream's socket, and integer counters.
+No objects are made per packet on the fast path except the slice view for
+sendto.  Each socket is drained at most ``BURST`` packets per wake-up so one
+flooded port cannot starve the others; the kernel's socket buffer is the
+only queue, and what overflows it is dropped by the kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..sessions import latch as _latch
+from ..sessions.session import Stream
+
+log = logging.getLogger("pyrtpproxy.media")
+
+BURST = 64
+RCVBUF = 256 * 1024
+
+_EPOLLIN = select.EPOLLIN
+
+
+def bind_pair(family: int, addr: str | None, port: int, tos: int | None) -> tuple[socket.socket, socket.socket]:
+    """Bind RTP on ``port`` and RTCP on ``port + 1``; both or neither."""
+    socks = []
+    try:
+        for p in (port, port + 1):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(s)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.setblocking(False)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            except OSError:
+                pass
+            if tos is not None and family == socket.AF_INET:
+                try:
+                    s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+                except OSError:
+                    pass
+            host = addr if addr is not None else ("::" if family == socket.AF_INET6 else "0.0.0.0")
+            s.bind((host, p))
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks[0], socks[1]
+
+
+def _log_latch(st: Stream, before: int) -> None:
+    who = "caller" if st.index == 1 else "callee"
+    what = "re-latched" if before else "latched in"
+    ssrc = "" if st.is_rtcp or st.ssrc is None else ", SSRC=0x%08X, Seq=%d" % (st.ssrc, st.seq)
+    log.info(
+        "%s's address %s: %s:%d (%s)%s",
+        who,
+        what,
+        st.remote[0],
+        st.remote[1],
+        "RTCP" if st.is_rtcp else "RTP",
+        ssrc,
+        extra={"callid": st.session.call_id},
+    )
+
+
+class MediaEngine:
+    """Relays RTP/RTCP between the streams it is given, in its own thread."""
+
+    def __init__(self, *, dup_small: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ep = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._ep.register(self._wake_fd, _EPOLLIN)
+        self._q: collections.deque = collections.deque()
+        self._streams: dict[int, Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._dup_small = dup_small
+        self._clock = clock
+        # Totals of streams already removed (live ones are summed on read).
+        self.gone_rcvd = 0
+        self.gone_relayed = 0
+        self.gone_dropped = 0
+        self.npkts_foreign = 0  # dropped by the latch rules
+        self.npkts_inactive = 0  # arrived before the session was complete
+        self.errors = 0
+        # Non-media fds served by the loop (a worker's control socket):
+        # fd -> callable run when it is readable.
+        self.others: dict[int, Callable[[], None]] = {}
+        # Called with each batch's events after the batch (a worker
+        # publishes its counters there); None in the usual in-thread engine.
+        self.after_batch: Callable[[list], None] | None = None
+
+    # ---- control-plane side ---------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pyrtpproxy-media", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the media thread, before the next packet."""
+        self._q.append((fn, args))
+        try:
+            os.eventfd_write(self._wake_fd, 1)
+        except OSError:  # pragma: no cover - counter overflow cannot happen here
+            pass
+
+    async def barrier(self) -> None:
+        """Wait until everything queued so far has run."""
+        import trio
+
+        if self._thread is None or not self._thread.is_alive():
+            self._drain_queue()
+            return
+        ev = threading.Event()
+        self.call(ev.set)
+        await trio.to_thread.run_sync(ev.wait)
+
+    def stop(self) -> None:
+        """Stop the thread and close every socket it still owns."""
+        self._stop = True
+        self.call(lambda: None)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._drain_queue()
+        for fd, st in list(self._streams.items()):
+            self._close(st, st.sock, fd, True)
+        try:
+            self._ep.close()
+        finally:
+            os.close(self._wake_fd)
+
+    def add(self, st: Stream) -> None:
+        """Start serving ``st``'s socket (epoll_ctl is thread-safe)."""
+        self._add(st)
+
+    def remove(self, st: Stream, *, final: bool = True) -> None:
+        """Unregister and close ``st``'s current socket (in the media thread).
+
+        ``final``: the stream is gone, its counters move into the totals;
+        otherwise the stream lives on with another socket (the ``n``
+        modifier) and keeps counting.
+        """
+        if st.sock is None:
+            return
+        # Done here, synchronously, so the port can be bound again at once.
+        # The media thread may still hold the socket object from the current
+        # batch: a closed Python socket has fileno -1, so at worst it gets
+        # EBADF, never another socket's packets.
+        self._close(st, st.sock, st.fd, final)
+
+    def totals(self) -> tuple[int, int, int]:
+        """(received, relayed, dropped) over every stream, live and gone."""
+        r, f, d = self.gone_rcvd, self.gone_relayed, self.gone_dropped
+        for st in list(self._streams.values()):
+            r += st.npkts_in
+            f += st.nrelayed
+            d += st.ndropped
+        return r, f, d
+
+    @property
+    def nsockets(self) -> int:
+        return len(self._streams)
+
+    # The sharding interface (see shard.ShardedEngine); in-process: trivial.
+    def assign(self) -> int | None:
+        return None
+
+    def release_session(self, shard: int | None) -> None:
+        pass
+
+    def sync(self, session: Any) -> None:
+        pass
+
+    async def localize(self, session: Any) -> None:
+        pass
+
+    # ---- media-thread side ------------------------------------------------
+    def _add(self, st: Stream) -> None:
+        if st.sock is None:
+            return
+        self._streams[st.fd] = st
+        self._ep.register(st.fd, _EPOLLIN)
+
+    def _close(self, st: Stream, sock: Any, fd: int, final: bool) -> None:
+        if self._streams.get(fd) is st:
+            del self._streams[fd]
+            try:
+                self._ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        if final:
+            self.gone_rcvd += st.npkts_in
+            self.gone_relayed += st.nrelayed
+            self.gone_dropped += st.ndropped
+            st.npkts_in = st.nrelayed = st.ndropped = 0
+        if st.sock is sock:
+            st.sock = None
+            st.fd = -1
+        sock.close()
+
+    def _drain_queue(self) -> None:
+        q = self._q
+        while q:
+            fn, args = q.popleft()
+            try:
+                fn(*args)
+            except Exception:  # never let one bad job stop the relay
+                self.errors += 1
+                log.exception("media engine job failed")
+
+    def _run(self) -> None:
+        # A bug in one batch must not stop the relay: log, count, go on.
+        while not self._stop:
+            try:
+                self._loop()
+            except Exception:  # pragma: no cover - last resort, logged
+                self.errors += 1
+                log.exception("media engine error; relay continues")
+
+    def add_other(self, fd: int, on_readable: Callable[[], None]) -> None:
+        """Serve a non-media fd from the loop (call before start)."""
+        self.others[fd] = on_readable
+        self._ep.register(fd, _EPOLLIN)
+
+    def run_here(self) -> None:
+        """Run the loop in the calling thread until stop (a worker process)."""
+        self._run()
+
+    def _loop(self) -> None:
+        ep = self._ep
+        streams = self._streams
+        wake_fd = self._wake_fd
+        others = self.others
+        after_batch = self.after_batch
+        q = self._q
+        buf = bytearray(65536)
+        mv = memoryview(buf)
+        clock = self._clock
+        accept = _latch.accept
+        dup_small = self._dup_small
+        while not self._stop:
+            try:
+                events = ep.poll(-1, 256)
+            except InterruptedError:  # pragma: no cover
+                continue
+            # Reset the eventfd BEFORE running the queue: a job queued after
+            # the drain then leaves the eventfd readable for the next poll.
+            for fd, _ev in events:
+                if fd == wake_fd:
+                    try:
+                        os.eventfd_read(wake_fd)
+                    except OSError:
+                        pass
+                    break
+            if q:
+                self._drain_queue()
+            now = clock()
+            for fd, _ev in events:
+                st = streams.get(fd)
+                if st is None:
+                    if fd in others:
+                        others[fd]()
+                    continue
+                sock = st.sock
+                recv = sock.recvfrom_into
+                for _ in range(BURST):
+                    try:
+                        n, src = recv(buf)
+                    except BlockingIOError:
+                        break
+                    except OSError:
+                        # ICMP errors surface here (ECONNREFUSED); ignore.
+                        continue
+                    st.npkts_in += 1
+                    st.last_rx = now
+                    if not st.active:
+                        st.ndropped += 1
+                        self.npkts_inactive += 1
+                        continue
+                    if src != st.remote or not st.latched:
+                        nlatch = st.nlatch
+                        if not accept(st, src, buf, n, now):
+                            st.ndropped += 1
+                            self.npkts_foreign += 1
+                            continue
+                        if st.nlatch != nlatch:
+                            _log_latch(st, nlatch)
+                    elif not st.is_rtcp and n >= 12:
+                        st.seq = (buf[2] << 8) | buf[3]
+                    peer = st.peer
+                    rec = st.rec
+                    if rec is not None and not peer.muted:
+                        # every accepted packet is recorded, relayed or not
+                        try:
+                            rec(bytes(mv[:n]), src, st)
+                        except Exception:
+                            self.errors += 1
+                            st.rec = None
+                            log.exception("recorder failed; recording stopped")
+                    dst = peer.remote
+                    if dst is None or peer.muted or peer.sock is None:
+                        st.ndropped += 1
+                        continue
+                    try:
+                        peer.sock.sendto(mv[:n], dst)
+                        if dup_small and n < 128 and not st.is_rtcp:
+                            peer.sock.sendto(mv[:n], dst)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED, errno.EPERM, errno.EINVAL, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EAFNOSUPPORT):
+                            self.errors += 1
+                        st.ndropped += 1
+                        continue
+                    st.nrelayed += 1
+            if after_batch is not None:
+                after_batch(events)
