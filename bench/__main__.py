@@ -36,41 +36,95 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmark rtpproxy-compatible relays side by side: calls carried without loss, "
-                    "latency, CPU per packet, RSS, control-plane command rate.",
+        "latency, CPU per packet, RSS, control-plane command rate.",
     )
-    p.add_argument("--relay", action="append", default=[], metavar="SPEC",
-                   help="pyrtpproxy | PATH | LABEL=PATH (repeat; a PATH whose name contains 'rtpengine' "
-                        "is run as rtpengine with --listen-udp). Default: pyrtpproxy")
-    p.add_argument("--relay-args", action="append", default=[], metavar="LABEL=ARGS",
-                   help="extra command-line arguments for one relay (shell-quoted)")
-    p.add_argument("--steps", type=_ints, default=[100, 200, 400, 600, 800, 1000, 1200, 1400, 1600, 2000, 2400],
-                   help="session counts N to try, in order (default %(default)s)")
+    p.add_argument(
+        "--relay",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="pyrtpproxy | PATH | LABEL=PATH (repeat; a PATH whose name contains 'rtpengine' "
+        "is run as rtpengine with --listen-udp). Default: pyrtpproxy",
+    )
+    p.add_argument(
+        "--relay-args",
+        action="append",
+        default=[],
+        metavar="LABEL=ARGS",
+        help="extra command-line arguments for one relay (shell-quoted)",
+    )
+    p.add_argument(
+        "--steps",
+        type=_ints,
+        default=[100, 200, 400, 600, 800, 1000, 1200, 1400, 1600, 2000, 2400],
+        help="session counts N to try, in order (default %(default)s)",
+    )
     p.add_argument("--duration", type=float, default=12.0, help="measured seconds per step (default 12)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds of media first (default 2)")
     p.add_argument("--max-loss", type=float, default=0.1, help="loss limit in percent (default 0.1)")
-    p.add_argument("--late-ms", type=float, default=50.0,
-                   help="a packet delayed more than this counts as lost, as a jitter buffer would drop it; "
-                        "0 to count only real loss (default 50, at most 200)")
-    p.add_argument("--retries", type=int, default=1, help="re-runs of a failing step before giving up (default 1)")
-    p.add_argument("--ctl-clients", type=int, default=4, help="parallel control clients for set-up (default 4)")
-    p.add_argument("--control-sessions", type=int, default=1000,
-                   help="sessions for the control-plane phase, 0 to skip it (default 1000)")
-    p.add_argument("--control-clients", type=_ints, default=[1, 4],
-                   help="client counts for the control-plane phase (default 1,4)")
-    p.add_argument("--relay-cpu", type=_cpu, default=0, help="CPU the relay is pinned to, or none (default 0)")
-    p.add_argument("--gen-cpu", type=_cpu, default=1,
-                   help="CPU for the generator(s) and the harness, or none (default 1)")
-    p.add_argument("--no-pin", action="store_true", help="pin nothing (same as --relay-cpu none --gen-cpu none)")
+    p.add_argument(
+        "--late-ms",
+        type=float,
+        default=50.0,
+        help="a packet delayed more than this counts as lost, as a jitter buffer would drop it; "
+        "0 to count only real loss (default 50, at most 200)",
+    )
+    p.add_argument(
+        "--retries", type=int, default=1, help="re-runs of a failing step before giving up (default 1)"
+    )
+    p.add_argument(
+        "--ctl-clients", type=int, default=4, help="parallel control clients for set-up (default 4)"
+    )
+    p.add_argument(
+        "--control-sessions",
+        type=int,
+        default=1000,
+        help="sessions for the control-plane phase, 0 to skip it (default 1000)",
+    )
+    p.add_argument(
+        "--control-clients",
+        type=_ints,
+        default=[1, 4],
+        help="client counts for the control-plane phase (default 1,4)",
+    )
+    p.add_argument(
+        "--relay-cpu", type=_cpu, default=0, help="CPU the relay is pinned to, or none (default 0)"
+    )
+    p.add_argument(
+        "--gen-cpu",
+        type=_cpu,
+        default=1,
+        help="CPU for the generator(s) and the harness, or none (default 1)",
+    )
+    p.add_argument(
+        "--no-pin", action="store_true", help="pin nothing (same as --relay-cpu none --gen-cpu none)"
+    )
     p.add_argument("--gen-procs", type=int, default=1, help="generator processes (default 1)")
-    p.add_argument("--gen-socks", type=int, default=8, help="endpoint sockets per side per generator (default 8)")
-    p.add_argument("--generator", choices=["auto", "c", "python"], default="auto",
-                   help="C generator compiled at run time, or the Python fallback (default auto)")
+    p.add_argument(
+        "--gen-socks", type=int, default=8, help="endpoint sockets per side per generator (default 8)"
+    )
+    p.add_argument(
+        "--generator",
+        choices=["auto", "c", "python"],
+        default="auto",
+        help="C generator compiled at run time, or the Python fallback (default auto)",
+    )
     p.add_argument("--port-min", type=int, default=10000, help="relays' media port range (default 10000)")
-    p.add_argument("--port-max", type=int, default=32000, help="(default 32000, below Linux's ephemeral ports)")
-    p.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for bench.json and bench.png")
-    p.add_argument("--results-md", type=Path, default=None, help="also write this Markdown report (bench/RESULTS.md)")
-    p.add_argument("--from-json", type=Path, default=None,
-                   help="only re-render the tables, plot and Markdown from an earlier bench.json")
+    p.add_argument(
+        "--port-max", type=int, default=32000, help="(default 32000, below Linux's ephemeral ports)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("bench-out"), help="directory for bench.json and bench.png"
+    )
+    p.add_argument(
+        "--results-md", type=Path, default=None, help="also write this Markdown report (bench/RESULTS.md)"
+    )
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="only re-render the tables, plot and Markdown from an earlier bench.json",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -110,13 +164,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.port_max - args.port_min < 4 * max(args.steps) + 100:
         parser().error("the media port range is too small for the largest step (4 ports per session)")
     opts = Options(
-        relays=specs, steps=args.steps, duration=args.duration, warmup=args.warmup, max_loss=args.max_loss,
+        relays=specs,
+        steps=args.steps,
+        duration=args.duration,
+        warmup=args.warmup,
+        max_loss=args.max_loss,
         late_ms=args.late_ms if args.late_ms > 0 else None,
-        retries=args.retries, ctl_clients=args.ctl_clients, control_sessions=args.control_sessions,
-        control_clients=tuple(args.control_clients), relay_cpu=relay_cpu, gen_cpu=gen_cpu,
-        gen_procs=args.gen_procs, gen_socks=args.gen_socks, generator=args.generator,
-        port_min=args.port_min, port_max=args.port_max, out=args.out, results_md=args.results_md,
-        command_line=cmdline, quiet=args.quiet,
+        retries=args.retries,
+        ctl_clients=args.ctl_clients,
+        control_sessions=args.control_sessions,
+        control_clients=tuple(args.control_clients),
+        relay_cpu=relay_cpu,
+        gen_cpu=gen_cpu,
+        gen_procs=args.gen_procs,
+        gen_socks=args.gen_socks,
+        generator=args.generator,
+        port_min=args.port_min,
+        port_max=args.port_max,
+        out=args.out,
+        results_md=args.results_md,
+        command_line=cmdline,
+        quiet=args.quiet,
     )
     run(opts)
     return 0

@@ -63,7 +63,7 @@ class ControlClient:
                     time.sleep(min(left, self.timeout / 4))
                     break
                 if reply.startswith(want):
-                    return reply[len(want):].decode(errors="replace").strip()
+                    return reply[len(want) :].decode(errors="replace").strip()
         raise TimeoutError(f"no reply to {command!r}")
 
 

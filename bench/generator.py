@@ -35,8 +35,21 @@ class GenParams:
     relay_ip: str = "127.0.0.1"
 
     def argv(self) -> list[str]:
-        return [str(x) for x in (self.nsock, self.rcvbuf, self.pps, self.size, self.warmup_ms,
-                                 self.duration_ms, self.tail_ms, self.drain_ms, self.bind_ip, self.relay_ip)]
+        return [
+            str(x)
+            for x in (
+                self.nsock,
+                self.rcvbuf,
+                self.pps,
+                self.size,
+                self.warmup_ms,
+                self.duration_ms,
+                self.tail_ms,
+                self.drain_ms,
+                self.bind_ip,
+                self.relay_ip,
+            )
+        ]
 
 
 def build(kind: str, workdir: Path) -> tuple[list[str], str]:
@@ -100,7 +113,7 @@ class GenProcess:
         while True:
             line = self._readline()
             if line.startswith(word + " "):
-                value = line[len(word) + 1:].strip()
+                value = line[len(word) + 1 :].strip()
                 if word == "RESULT":
                     self.result = json.loads(value)
                     return 0

@@ -132,11 +132,18 @@ def merge_hist(results: list[dict]) -> list[list[int]]:
 
 # ---- control-plane benchmark -------------------------------------------------
 
+
 def control_bench(opts: Options, spec: RelaySpec, workdir: Path) -> dict:
     """U, L and D for ``control_sessions`` sessions, with 1 and several clients."""
     out: dict = {}
-    relay = RelayProcess.start(spec, ctl_port=free_udp_port(), port_min=opts.port_min, port_max=opts.port_max,
-                               cpu=opts.relay_cpu, log_path=workdir / f"{spec.label}-control.log")
+    relay = RelayProcess.start(
+        spec,
+        ctl_port=free_udp_port(),
+        port_min=opts.port_min,
+        port_max=opts.port_max,
+        cpu=opts.relay_cpu,
+        log_path=workdir / f"{spec.label}-control.log",
+    )
     try:
         n = opts.control_sessions
         for clients in opts.control_clients:
@@ -162,10 +169,14 @@ def control_bench(opts: Options, spec: RelaySpec, workdir: Path) -> dict:
                 "rss_mb_at_n": round(rss / 2**20, 1),
             }
             out[str(clients)] = row
-            log(opts, f"  control {spec.label:12s} clients={clients}: "
-                      + "  ".join(f"{p.name} {p.rate:7.0f}/s p99 {row[p.name]['lat_p99_ms']:.2f} ms"
-                                  for p in phases)
-                      + f"  ({row['all']['relay_cpu_us_per_cmd']} us CPU/cmd)")
+            log(
+                opts,
+                f"  control {spec.label:12s} clients={clients}: "
+                + "  ".join(
+                    f"{p.name} {p.rate:7.0f}/s p99 {row[p.name]['lat_p99_ms']:.2f} ms" for p in phases
+                )
+                + f"  ({row['all']['relay_cpu_us_per_cmd']} us CPU/cmd)",
+            )
     finally:
         relay.stop()
     return out
@@ -173,12 +184,20 @@ def control_bench(opts: Options, spec: RelaySpec, workdir: Path) -> dict:
 
 # ---- one media step ----------------------------------------------------------
 
+
 def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workdir: Path) -> dict:
-    params = GenParams(nsock=opts.gen_socks, warmup_ms=int(opts.warmup * 1000),
-                       duration_ms=int(opts.duration * 1000))
+    params = GenParams(
+        nsock=opts.gen_socks, warmup_ms=int(opts.warmup * 1000), duration_ms=int(opts.duration * 1000)
+    )
     row: dict = {"relay": spec.label, "n": n}
-    relay = RelayProcess.start(spec, ctl_port=free_udp_port(), port_min=opts.port_min, port_max=opts.port_max,
-                               cpu=opts.relay_cpu, log_path=workdir / f"{spec.label}-{n}.log")
+    relay = RelayProcess.start(
+        spec,
+        ctl_port=free_udp_port(),
+        port_min=opts.port_min,
+        port_max=opts.port_max,
+        cpu=opts.relay_cpu,
+        log_path=workdir / f"{spec.label}-{n}.log",
+    )
     gens = None
     try:
         gens = Generators(gen_cmd, params, opts.gen_procs, pin_prefix(opts.gen_cpu))
@@ -186,7 +205,9 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
         ids = control.CallIds(uuid.uuid4().hex[:8])
         addr = ("127.0.0.1", relay.ctl_port)
         u = control.run_phase("U", addr, control.offer_commands(ids, [e[2] for e in eps]), opts.ctl_clients)
-        lph = control.run_phase("L", addr, control.answer_commands(ids, [e[3] for e in eps]), opts.ctl_clients)
+        lph = control.run_phase(
+            "L", addr, control.answer_commands(ids, [e[3] for e in eps]), opts.ctl_clients
+        )
         row["setup"] = {"U": u.summary(), "L": lph.summary()}
         shards: list[list[tuple[int, int, int, int, int]]] = [[] for _ in gens.procs]
         failed = 0
@@ -230,30 +251,32 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
     cpu = cpu1 - cpu0
     gen_cpu = sum(r["cpu_s"] for r in results) / max(r["wall_s"] for r in results)
     lossy_sessions = len({(i, lo[0]) for i, r in enumerate(results) for lo in r["lossy"]})
-    row.update({
-        "sessions": n - failed,
-        "sent": sent,
-        "recv": recv,
-        "loss_pct": round(100.0 * (sent - recv) / sent, 4) if sent else None,
-        "late_pct": round(100.0 * late / sent, 4) if sent else None,
-        "eff_loss_pct": round(100.0 * (sent - recv + late) / sent, 4) if sent else None,
-        "lossy_sessions": lossy_sessions,
-        "lat_p50_ms": pct(hist, bin_ns, 50, hist_total),
-        "lat_p90_ms": pct(hist, bin_ns, 90, hist_total),
-        "lat_p99_ms": pct(hist, bin_ns, 99, hist_total),
-        "relay_cpu_pct": round(100.0 * cpu / wall, 1) if wall > 0 else None,
-        "us_per_pkt": round(cpu / recv * 1e6, 2) if recv else None,
-        "pps_relayed": round(recv / wall) if wall > 0 else None,
-        "rss_mb": round(rss / 2**20, 1),
-        "relay_rx_drops": (drops1 - drops0) if drops0 >= 0 and drops1 >= 0 else None,
-        "relay_alive": alive,
-        "gen_cpu_pct": round(100.0 * gen_cpu, 1),
-        "gen_late_ticks": sum(r["late_ticks"] for r in results),
-        "gen_max_late_ms": round(max(r["max_late_ns"] for r in results) / 1e6, 2),
-        "gen_send_err": sum(r["send_err"] for r in results),
-        "gen_rxq_ovfl": sum(r["rxq_ovfl"] for r in results),
-        "window_s": round(wall, 3),
-    })
+    row.update(
+        {
+            "sessions": n - failed,
+            "sent": sent,
+            "recv": recv,
+            "loss_pct": round(100.0 * (sent - recv) / sent, 4) if sent else None,
+            "late_pct": round(100.0 * late / sent, 4) if sent else None,
+            "eff_loss_pct": round(100.0 * (sent - recv + late) / sent, 4) if sent else None,
+            "lossy_sessions": lossy_sessions,
+            "lat_p50_ms": pct(hist, bin_ns, 50, hist_total),
+            "lat_p90_ms": pct(hist, bin_ns, 90, hist_total),
+            "lat_p99_ms": pct(hist, bin_ns, 99, hist_total),
+            "relay_cpu_pct": round(100.0 * cpu / wall, 1) if wall > 0 else None,
+            "us_per_pkt": round(cpu / recv * 1e6, 2) if recv else None,
+            "pps_relayed": round(recv / wall) if wall > 0 else None,
+            "rss_mb": round(rss / 2**20, 1),
+            "relay_rx_drops": (drops1 - drops0) if drops0 >= 0 and drops1 >= 0 else None,
+            "relay_alive": alive,
+            "gen_cpu_pct": round(100.0 * gen_cpu, 1),
+            "gen_late_ticks": sum(r["late_ticks"] for r in results),
+            "gen_max_late_ms": round(max(r["max_late_ns"] for r in results) / 1e6, 2),
+            "gen_send_err": sum(r["send_err"] for r in results),
+            "gen_rxq_ovfl": sum(r["rxq_ovfl"] for r in results),
+            "window_s": round(wall, 3),
+        }
+    )
     for k in ("lat_p50_ms", "lat_p90_ms", "lat_p99_ms"):
         if row[k] is not None:
             # JSON has no infinity: a percentile beyond the histogram is written as its range, flagged.
@@ -263,6 +286,7 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
 
 
 # ---- the whole run -------------------------------------------------------------
+
 
 def run(opts: Options) -> dict:
     from . import report
@@ -287,14 +311,34 @@ def run(opts: Options) -> dict:
             "generator": f"taskset -c {opts.gen_cpu}" if opts.gen_cpu is not None else "none",
             "harness": f"sched_setaffinity {{{opts.gen_cpu}}}" if opts.gen_cpu is not None else "none",
         },
-        "generator": {"kind": gen_desc, "processes": opts.gen_procs, "sockets_per_side": opts.gen_socks,
-                      "packet_bytes": 172, "pps_per_stream": 50, "streams_per_session": 2},
-        "params": {"steps": opts.steps, "duration_s": opts.duration, "warmup_s": opts.warmup,
-                   "max_loss_pct": opts.max_loss, "late_ms": opts.late_ms, "retries": opts.retries, "ctl_clients": opts.ctl_clients,
-                   "control_sessions": opts.control_sessions, "control_clients": list(opts.control_clients),
-                   "port_range": [opts.port_min, opts.port_max]},
-        "relays": {s.label: {"kind": s.kind, "version": s.version(),
-                             "argv": s.command("CTLPORT", opts.port_min, opts.port_max)} for s in opts.relays},
+        "generator": {
+            "kind": gen_desc,
+            "processes": opts.gen_procs,
+            "sockets_per_side": opts.gen_socks,
+            "packet_bytes": 172,
+            "pps_per_stream": 50,
+            "streams_per_session": 2,
+        },
+        "params": {
+            "steps": opts.steps,
+            "duration_s": opts.duration,
+            "warmup_s": opts.warmup,
+            "max_loss_pct": opts.max_loss,
+            "late_ms": opts.late_ms,
+            "retries": opts.retries,
+            "ctl_clients": opts.ctl_clients,
+            "control_sessions": opts.control_sessions,
+            "control_clients": list(opts.control_clients),
+            "port_range": [opts.port_min, opts.port_max],
+        },
+        "relays": {
+            s.label: {
+                "kind": s.kind,
+                "version": s.version(),
+                "argv": s.command("CTLPORT", opts.port_min, opts.port_max),
+            }
+            for s in opts.relays
+        },
         "workdir": str(workdir),
     }
     res: dict = {"meta": meta, "control": {}, "steps": [], "max_n": {}}
@@ -313,7 +357,7 @@ def run(opts: Options) -> dict:
     for si, n in enumerate(opts.steps):
         if not active:
             break
-        order = active[si % len(active):] + active[:si % len(active)]
+        order = active[si % len(active) :] + active[: si % len(active)]
         for spec in order:
             for attempt in range(opts.retries + 1):
                 try:

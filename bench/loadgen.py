@@ -57,8 +57,13 @@ def main(argv: list[str]) -> int:
     out = sys.stdout
     socks_a = [_open(bind_ip, rcvbuf) for _ in range(nsock)]
     socks_b = [_open(bind_ip, rcvbuf) for _ in range(nsock)]
-    out.write("PORTS " + ",".join(str(s.getsockname()[1]) for s in socks_a) + ";"
-              + ",".join(str(s.getsockname()[1]) for s in socks_b) + "\n")
+    out.write(
+        "PORTS "
+        + ",".join(str(s.getsockname()[1]) for s in socks_a)
+        + ";"
+        + ",".join(str(s.getsockname()[1]) for s in socks_b)
+        + "\n"
+    )
     out.flush()
 
     nsess = int(sys.stdin.readline())
@@ -80,8 +85,16 @@ def main(argv: list[str]) -> int:
     slots = [[j for j in range(nstreams) if j % nslots == s] for s in range(nslots)]
     filler = bytes(size - RTP.size - PAYLOAD.size)
     hist: dict[int, int] = {}
-    stats = dict(recv_unmeasured=0, bad=0, send_err=0, send_partial=0, late_ticks=0, max_late_ns=0,
-                 hist_over=0, hist_neg=0)
+    stats = dict(
+        recv_unmeasured=0,
+        bad=0,
+        send_err=0,
+        send_partial=0,
+        late_ticks=0,
+        max_late_ns=0,
+        hist_over=0,
+        hist_neg=0,
+    )
     ovfl = {}
     allsocks = socks_a + socks_b
     ep = select.epoll()

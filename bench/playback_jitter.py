@@ -75,15 +75,31 @@ def main() -> int:
     npk = int(args.seconds * 1000 / ptime)
 
     tmp = tempfile.mkdtemp(prefix="pyrtpp-jitter-")
-    pcm = b"".join(int(8000 * math.sin(2 * math.pi * 440 * i / 8000)).to_bytes(2, "little", signed=True)
-                   for i in range(npk * 80))
+    pcm = b"".join(
+        int(8000 * math.sin(2 * math.pi * 440 * i / 8000)).to_bytes(2, "little", signed=True)
+        for i in range(npk * 80)
+    )
     with open(os.path.join(tmp, "tone.0"), "wb") as f:
         f.write(g711.ulaw_encode(pcm))
 
     ctl = ("127.0.0.1", free_port())
     relay = shlex.split(os.environ.get("RELAY", "")) or [sys.executable, "-m", "pyrtpproxy"]
-    argv = relay + ["-f", "-F", "-s", f"udp:{ctl[0]}:{ctl[1]}", "-l", "127.0.0.1",
-                    "-m", "20000", "-M", "29999", "-p", os.path.join(tmp, "pid"), "-d", "ERR"]
+    argv = relay + [
+        "-f",
+        "-F",
+        "-s",
+        f"udp:{ctl[0]}:{ctl[1]}",
+        "-l",
+        "127.0.0.1",
+        "-m",
+        "20000",
+        "-M",
+        "29999",
+        "-p",
+        os.path.join(tmp, "pid"),
+        "-d",
+        "ERR",
+    ]
     if not os.environ.get("RELAY"):
         argv += ["--prompt-dir", tmp]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
@@ -130,13 +146,19 @@ def main() -> int:
             k = list(range(len(off)))
             drifts.append(statistics.linear_regression(k, off).slope / ptime * 1000)  # ms per s
         got = sum(len(t) for t in arrivals)
-        print(f"players={args.players} ptime={ptime:.0f}ms packets={got}/{npk * args.players} "
-              f"duration={args.seconds:.1f}s relay={' '.join(relay)}")
+        print(
+            f"players={args.players} ptime={ptime:.0f}ms packets={got}/{npk * args.players} "
+            f"duration={args.seconds:.1f}s relay={' '.join(relay)}"
+        )
         print(f"interval  mean {statistics.fmean(ivals):.3f} ms")
-        print(f"jitter |interval-ptime|  mean {statistics.fmean(dev):.3f}  p50 {pct(dev, 50):.3f}  "
-              f"p99 {pct(dev, 99):.3f}  max {max(dev):.3f} ms")
-        print(f"offset from schedule  p50 {pct(offs, 50):.3f}  p99 {pct(offs, 99):.3f}  "
-              f"max {max(offs):.3f} ms;  drift {statistics.fmean(drifts):+.4f} ms/s")
+        print(
+            f"jitter |interval-ptime|  mean {statistics.fmean(dev):.3f}  p50 {pct(dev, 50):.3f}  "
+            f"p99 {pct(dev, 99):.3f}  max {max(dev):.3f} ms"
+        )
+        print(
+            f"offset from schedule  p50 {pct(offs, 50):.3f}  p99 {pct(offs, 99):.3f}  "
+            f"max {max(offs):.3f} ms;  drift {statistics.fmean(drifts):+.4f} ms/s"
+        )
         for s in socks:
             s.close()
         return 0

@@ -53,15 +53,34 @@ class RelaySpec:
     def command(self, ctl_port: int, port_min: int, port_max: int) -> list[str]:
         if self.kind == "rtpengine":
             return [
-                self.path, "--config-file=none", "--foreground", "--log-stderr", "--log-level=3",
-                "--table=-1", "--interface=127.0.0.1", f"--listen-udp=127.0.0.1:{ctl_port}",
-                f"--port-min={port_min}", f"--port-max={port_max}", "--num-threads=1",
+                self.path,
+                "--config-file=none",
+                "--foreground",
+                "--log-stderr",
+                "--log-level=3",
+                "--table=-1",
+                "--interface=127.0.0.1",
+                f"--listen-udp=127.0.0.1:{ctl_port}",
+                f"--port-min={port_min}",
+                f"--port-max={port_max}",
+                "--num-threads=1",
                 *self.extra,
             ]
         exe = [sys.executable, "-m", "pyrtpproxy"] if self.kind == "pyrtpproxy" else [self.path]
         return exe + [
-            "-f", "-F", "-s", f"udp:127.0.0.1:{ctl_port}", "-l", "127.0.0.1",
-            "-m", str(port_min), "-M", str(port_max), "-d", "ERR", *self.extra,
+            "-f",
+            "-F",
+            "-s",
+            f"udp:127.0.0.1:{ctl_port}",
+            "-l",
+            "127.0.0.1",
+            "-m",
+            str(port_min),
+            "-M",
+            str(port_max),
+            "-d",
+            "ERR",
+            *self.extra,
         ]
 
     def version(self) -> str:
@@ -69,7 +88,9 @@ class RelaySpec:
             if self.kind == "pyrtpproxy":
                 import pyrtpproxy
 
-                return f"pyrtpproxy {getattr(pyrtpproxy, '__version__', '?')} (Python {sys.version.split()[0]})"
+                return (
+                    f"pyrtpproxy {getattr(pyrtpproxy, '__version__', '?')} (Python {sys.version.split()[0]})"
+                )
             flag = "--version" if self.kind == "rtpengine" else "-V"
             out = subprocess.run([self.path, flag], capture_output=True, text=True, timeout=10)
             text = (out.stdout + out.stderr).strip().splitlines()
@@ -107,13 +128,28 @@ class RelayProcess:
     started_at: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def start(cls, spec: RelaySpec, *, ctl_port: int, port_min: int, port_max: int,
-              cpu: int | None, log_path: Path, ready_timeout: float = 20.0) -> RelayProcess:
+    def start(
+        cls,
+        spec: RelaySpec,
+        *,
+        ctl_port: int,
+        port_min: int,
+        port_max: int,
+        cpu: int | None,
+        log_path: Path,
+        ready_timeout: float = 20.0,
+    ) -> RelayProcess:
         argv = pin_prefix(cpu) + spec.command(ctl_port, port_min, port_max)
         log = open(log_path, "ab")
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    preexec_fn=_raise_nofile, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_raise_nofile,
+                start_new_session=True,
+            )
         finally:
             log.close()
         rp = cls(spec, argv, ctl_port, log_path, proc, psutil.Process(proc.pid))
@@ -130,7 +166,9 @@ class RelayProcess:
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.spec.label} exited with {self.proc.returncode}; see {self.log_path}")
+                    raise RuntimeError(
+                        f"{self.spec.label} exited with {self.proc.returncode}; see {self.log_path}"
+                    )
                 try:
                     if c.cmd("V").startswith("2004"):
                         return

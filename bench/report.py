@@ -25,10 +25,12 @@ def step_line(row: dict) -> str:
     if "error" in row:
         return f"  {row['relay']:12s} N={row['n']:5d}  ERROR {row['error']}"
     flag = "ok" if row["ok"] else "FAIL"
-    return (f"  {row['relay']:12s} N={row['n']:5d}  loss {row['loss_pct']:8.4f} %  late {_f(row.get('late_pct'), '{:.4f}')} %  "
-            f"lat p50/p90/p99 {_f(row['lat_p50_ms'])}/{_f(row['lat_p90_ms'])}/{_f(row['lat_p99_ms'])} ms  "
-            f"CPU {row['relay_cpu_pct']:5.1f} %  {_f(row['us_per_pkt'])} us/pkt  RSS {row['rss_mb']:.0f} MB  "
-            f"gen CPU {row['gen_cpu_pct']:.0f} %  [{flag}]")
+    return (
+        f"  {row['relay']:12s} N={row['n']:5d}  loss {row['loss_pct']:8.4f} %  late {_f(row.get('late_pct'), '{:.4f}')} %  "
+        f"lat p50/p90/p99 {_f(row['lat_p50_ms'])}/{_f(row['lat_p90_ms'])}/{_f(row['lat_p99_ms'])} ms  "
+        f"CPU {row['relay_cpu_pct']:5.1f} %  {_f(row['us_per_pkt'])} us/pkt  RSS {row['rss_mb']:.0f} MB  "
+        f"gen CPU {row['gen_cpu_pct']:.0f} %  [{flag}]"
+    )
 
 
 STEP_COLS = [
@@ -73,8 +75,20 @@ def steps_table(res: dict) -> list[list[str]]:
 
 
 def control_table(res: dict) -> list[list[str]]:
-    rows = [["relay", "clients", "U/s", "U p50/p99 ms", "L/s", "L p50/p99 ms", "D/s", "D p50/p99 ms",
-             "µs CPU/cmd", "RSS MB (N sessions)"]]
+    rows = [
+        [
+            "relay",
+            "clients",
+            "U/s",
+            "U p50/p99 ms",
+            "L/s",
+            "L p50/p99 ms",
+            "D/s",
+            "D p50/p99 ms",
+            "µs CPU/cmd",
+            "RSS MB (N sessions)",
+        ]
+    ]
     for label, by in res["control"].items():
         if "error" in by:
             rows.append([label, "-", "error: " + by["error"]] + [""] * 7)
@@ -94,8 +108,7 @@ def max_table(res: dict) -> list[list[str]]:
     crit = "max N at ≤ %.2g %% loss" % p["max_loss_pct"]
     if p.get("late_ms") is not None:
         crit += " (late > %g ms = lost)" % p["late_ms"]
-    rows = [["relay", "version", crit,
-             "µs CPU/pkt at that N", "relay CPU % at that N", "first failing N"]]
+    rows = [["relay", "version", crit, "µs CPU/pkt at that N", "relay CPU % at that N", "first failing N"]]
     for label, n in res["max_n"].items():
         at = [r for r in res["steps"] if r["relay"] == label and r["n"] == n and r.get("ok")]
         fail = [r for r in res["steps"] if r["relay"] == label and not r.get("ok")]
@@ -106,9 +119,16 @@ def max_table(res: dict) -> list[list[str]]:
                 fail_txt = f"{last['n']} (error)"
             else:
                 fail_txt = f"{last['n']} ({_late(last):.2f} % lost or late; {last['loss_pct']:.2f} % lost)"
-        rows.append([label, res["meta"]["relays"][label]["version"], str(n) if n else "< first step",
-                     _f(at[-1]["us_per_pkt"] if at else None), _f(at[-1]["relay_cpu_pct"] if at else None, "{:.0f}"),
-                     fail_txt])
+        rows.append(
+            [
+                label,
+                res["meta"]["relays"][label]["version"],
+                str(n) if n else "< first step",
+                _f(at[-1]["us_per_pkt"] if at else None),
+                _f(at[-1]["relay_cpu_pct"] if at else None, "{:.0f}"),
+                fail_txt,
+            ]
+        )
     return rows
 
 
@@ -155,7 +175,9 @@ def plot(res: dict, path: Path) -> bool:
     axes[0].axhline(res["meta"]["params"]["max_loss_pct"], color="grey", ls="--", lw=1)
     axes[0].set_yscale("log")
     late = res["meta"]["params"].get("late_ms")
-    axes[0].set_ylabel(f"lost{f' or > {late:g} ms late' if late is not None else ''} % (0 drawn at {floor:g})")
+    axes[0].set_ylabel(
+        f"lost{f' or > {late:g} ms late' if late is not None else ''} % (0 drawn at {floor:g})"
+    )
     axes[1].set_ylabel("relay CPU % (one core)")
     axes[1].axhline(100, color="grey", ls="--", lw=1)
     axes[2].set_ylabel("µs of relay CPU per relayed packet")
@@ -164,7 +186,9 @@ def plot(res: dict, path: Path) -> bool:
         ax.grid(True, alpha=0.3)
         ax.legend()
     m = res["meta"]["machine"]
-    fig.suptitle(f"{res['meta']['date']}  {m['cpu_model']} ×{m['cpu_count']}  relay {res['meta']['pinning']['relay']}")
+    fig.suptitle(
+        f"{res['meta']['date']}  {m['cpu_model']} ×{m['cpu_count']}  relay {res['meta']['pinning']['relay']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -191,8 +215,11 @@ def results_md(res: dict, png_rel: str | None) -> str:
         f"over loopback; generator: {g['kind']}, {g['processes']} process(es), {g['sockets_per_side']} sockets per side",
         f"* Each step: {p['warmup_s']} s warm-up, {p['duration_s']} s measured; a relay stops at the first step with "
         f"loss above {p['max_loss_pct']} % (after {p['retries']} re-run(s))"
-        + (f", where a packet more than {p['late_ms']:g} ms late counts as lost (a jitter buffer would discard it)"
-           if p.get("late_ms") is not None else "")
+        + (
+            f", where a packet more than {p['late_ms']:g} ms late counts as lost (a jitter buffer would discard it)"
+            if p.get("late_ms") is not None
+            else ""
+        )
         + f"; control set-up with {p['ctl_clients']} parallel clients",
         "",
         "Command:",
@@ -209,18 +236,28 @@ def results_md(res: dict, png_rel: str | None) -> str:
     lines += ["", "## Calls per core", "", md_table(max_table(res)), ""]
     if png_rel:
         lines += [f"![loss, CPU and CPU per packet against N]({png_rel})", ""]
-    lines += ["## Every step", "", md_table(steps_table(res)), "",
-              "Latency is from the generator's send call to the kernel's receive timestamp of the relayed packet "
-              "(SO_TIMESTAMPNS), so it includes the loopback path, not the receiver's scheduling. "
-              "\"late %\" is the share of packets that arrived but later than the late limit (counted as lost for pass/fail); "
-              "\"kernel drops\" are receive-queue overflows on the relay's own sockets during the window. "
-              "U/L/D per second here are at zero media load, while the step's sessions are set up and torn down.",
-              ""]
+    lines += [
+        "## Every step",
+        "",
+        md_table(steps_table(res)),
+        "",
+        "Latency is from the generator's send call to the kernel's receive timestamp of the relayed packet "
+        "(SO_TIMESTAMPNS), so it includes the loopback path, not the receiver's scheduling. "
+        '"late %" is the share of packets that arrived but later than the late limit (counted as lost for pass/fail); '
+        '"kernel drops" are receive-queue overflows on the relay\'s own sockets during the window. '
+        "U/L/D per second here are at zero media load, while the step's sessions are set up and torn down.",
+        "",
+    ]
     if res["control"]:
-        lines += ["## Control plane", "",
-                  f"{p['control_sessions']} sessions: all U (offer), then all L (answer), then all D, with 1 and with several "
-                  "parallel clients (one UDP socket each, Kamailio's cookie protocol); no media.", "",
-                  md_table(control_table(res)), ""]
+        lines += [
+            "## Control plane",
+            "",
+            f"{p['control_sessions']} sessions: all U (offer), then all L (answer), then all D, with 1 and with several "
+            "parallel clients (one UDP socket each, Kamailio's cookie protocol); no media.",
+            "",
+            md_table(control_table(res)),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -238,7 +275,10 @@ def write_all(res: dict, opts: Options) -> None:
             print()
             print(text_table(control_table(res)))
         print()
-        print(f"JSON: {out / 'bench.json'}" + (f"   plot: {png}" if have_png else "   (no plot: matplotlib missing)"))
+        print(
+            f"JSON: {out / 'bench.json'}"
+            + (f"   plot: {png}" if have_png else "   (no plot: matplotlib missing)")
+        )
     if opts.results_md is not None:
         rel = os.path.relpath(png, opts.results_md.parent) if have_png else None
         opts.results_md.write_text(results_md(res, rel))

@@ -314,8 +314,9 @@ class UA:
     It holds one dialog at most.  Requests always go to the proxy address.
     """
 
-    def __init__(self, name: str, proxy: tuple[str, int], sip: trio.socket.SocketType,
-                 rtp: trio.socket.SocketType):
+    def __init__(
+        self, name: str, proxy: tuple[str, int], sip: trio.socket.SocketType, rtp: trio.socket.SocketType
+    ):
         self.name = name
         self.proxy = proxy
         self.sip = sip
@@ -403,18 +404,24 @@ class UA:
 
     async def expect_request(self, method: str, timeout: float = 5) -> SipMessage:
         def ok(m: SipMessage) -> bool:
-            return m.is_request and m.method == method and (
-                self.call_id is None or m.get("call-id") == self.call_id)
+            return (
+                m.is_request
+                and m.method == method
+                and (self.call_id is None or m.get("call-id") == self.call_id)
+            )
+
         return await self.next_message(f"{method} request", ok, timeout)
 
-    async def expect_final(self, cseq: int, method: str, timeout: float = 5,
-                           on_provisional=None) -> list[SipMessage]:
+    async def expect_final(
+        self, cseq: int, method: str, timeout: float = 5, on_provisional=None
+    ) -> list[SipMessage]:
         """All responses to (cseq, method) up to and including the final one.
         on_provisional(response) is called for each 1xx as it arrives."""
         got: list[SipMessage] = []
 
         def ok(m: SipMessage) -> bool:
             return (not m.is_request) and m.cseq == (cseq, method) and m.get("call-id") == self.call_id
+
         with trio.move_on_after(timeout):
             while True:
                 r = await self.next_message(f"response to {method}", ok, timeout)
@@ -423,16 +430,24 @@ class UA:
                     return got
                 if on_provisional is not None:
                     on_provisional(r)
-        raise SipError(f"UA {self.name}: no final response to {cseq} {method} within {timeout} s "
-                       f"(got {[r.first_line for r in got]})")
+        raise SipError(
+            f"UA {self.name}: no final response to {cseq} {method} within {timeout} s "
+            f"(got {[r.first_line for r in got]})"
+        )
 
     # -- building messages ---------------------------------------------------
     def _via(self) -> str:
         return f"SIP/2.0/UDP {LOOPBACK}:{self.sip_port};branch=z9hG4bK{token(8)};rport"
 
-    def _request(self, method: str, ruri: str, cseq: int, body: bytes = b"",
-                 route: list[str] | None = None,
-                 extra: list[tuple[str, str]] | None = None) -> SipMessage:
+    def _request(
+        self,
+        method: str,
+        ruri: str,
+        cseq: int,
+        body: bytes = b"",
+        route: list[str] | None = None,
+        extra: list[tuple[str, str]] | None = None,
+    ) -> SipMessage:
         h = [("via", self._via()), ("max-forwards", "70")]
         for r in route if route is not None else self.route_set:
             h.append(("route", r))
@@ -454,8 +469,12 @@ class UA:
         to = req.get("to")
         if status > 100 and header_param(to, "tag") is None:
             to = f"{to};tag={self.local_tag}"
-        h += [("from", req.get("from")), ("to", to), ("call-id", req.get("call-id")),
-              ("cseq", req.get("cseq"))]
+        h += [
+            ("from", req.get("from")),
+            ("to", to),
+            ("call-id", req.get("call-id")),
+            ("cseq", req.get("cseq")),
+        ]
         if req.method == "INVITE" and 100 < status < 300:
             h += [("record-route", rr) for rr in req.get_all("record-route")]
             h.append(("contact", f"<{self.contact}>"))
@@ -485,8 +504,9 @@ class UA:
         await self._send(self._invite.to_bytes(), self.proxy)
         return self._invite
 
-    async def invite(self, target: UA, on_provisional=None, late_offer: bool = False
-                     ) -> tuple[list[SipMessage], list[SdpMedia]]:
+    async def invite(
+        self, target: UA, on_provisional=None, late_offer: bool = False
+    ) -> tuple[list[SipMessage], list[SdpMedia]]:
         """Initial INVITE to `target`; collect the responses, ACK the 2xx (with
         the SDP answer when late_offer).  Returns (responses, SDPs received)."""
         await self.send_invite(target, late_offer)
@@ -506,7 +526,8 @@ class UA:
         r = await self.next_message(
             "180 to the INVITE",
             lambda m: (not m.is_request) and m.cseq == (self.cseq, "INVITE") and m.status == 180,
-            timeout)
+            timeout,
+        )
         return self._take_sdp(r)
 
     async def cancel(self, timeout: float = 5) -> list[SipMessage]:
@@ -520,6 +541,7 @@ class UA:
 
         def is_resp(method):
             return lambda m: (not m.is_request) and m.cseq == (self.cseq, method) and m.status >= 200
+
         ok = await self.next_message("final response to CANCEL", is_resp("CANCEL"), timeout)
         resp = await self.next_message("final response to the cancelled INVITE", is_resp("INVITE"), timeout)
         if resp.status == 487:  # ACK for a non-2xx: same branch, the response's To
@@ -546,8 +568,9 @@ class UA:
         await self._ack(self.cseq)
         return media
 
-    async def request(self, method: str, headers: list[tuple[str, str]] | None = None,
-                      timeout: float = 5) -> SipMessage:
+    async def request(
+        self, method: str, headers: list[tuple[str, str]] | None = None, timeout: float = 5
+    ) -> SipMessage:
         """An in-dialog request without a body (e.g. INFO); returns the final
         response, whatever its status."""
         self.cseq += 1
@@ -579,8 +602,9 @@ class UA:
         await self.respond(inv, 100, "Trying")
         return inv, media
 
-    async def answer_invite(self, ringing_sdp: bool = True, ringing_seen: trio.Event | None = None,
-                            timeout: float = 5) -> tuple[SipMessage, SdpMedia]:
+    async def answer_invite(
+        self, ringing_sdp: bool = True, ringing_seen: trio.Event | None = None, timeout: float = 5
+    ) -> tuple[SipMessage, SdpMedia]:
         """Take the initial INVITE: 100, 180 (with SDP when ringing_sdp and the
         INVITE had an offer), 200 with SDP, then wait for the ACK.  Returns
         (INVITE, the SDP received: the INVITE's, or the ACK's for a late offer).
@@ -662,9 +686,14 @@ async def _receive_stream(ua: UA, expected: list[bytes], deadline: float, report
     report["missing"] = len(want - got)
 
 
-async def check_media(a: UA, b: UA, count: int = 50, timeout: float = 10,
-                      interval: float = 0.001, packets: tuple[list[bytes], list[bytes]] | None = None
-                      ) -> None:
+async def check_media(
+    a: UA,
+    b: UA,
+    count: int = 50,
+    timeout: float = 10,
+    interval: float = 0.001,
+    packets: tuple[list[bytes], list[bytes]] | None = None,
+) -> None:
     """Each side sends `count` RTP packets to the address in the SDP it got
     (or the given `packets`: (A's, B's)).
     Each side must receive every packet of the other side, byte for byte,
@@ -677,21 +706,33 @@ async def check_media(a: UA, b: UA, count: int = 50, timeout: float = 10,
     ra: dict = {}
     rb: dict = {}
     deadline = trio.current_time() + timeout
-    await gather(_receive_stream(a, pb, deadline, ra), _receive_stream(b, pa, deadline, rb),
-                 _send_stream(a, pa, interval), _send_stream(b, pb, interval))
+    await gather(
+        _receive_stream(a, pb, deadline, ra),
+        _receive_stream(b, pa, deadline, rb),
+        _send_stream(a, pa, interval),
+        _send_stream(b, pb, interval),
+    )
     problems = []
     for ua, peer, rep in ((a, b, ra), (b, a, rb)):
-        where = (f"RTP {peer.name}->{ua.name} ({peer.name} sent to {peer.remote_media}, "
-                 f"{ua.name} expects it from {ua.remote_media})")
+        where = (
+            f"RTP {peer.name}->{ua.name} ({peer.name} sent to {peer.remote_media}, "
+            f"{ua.name} expects it from {ua.remote_media})"
+        )
         if rep["missing"]:
-            problems.append(f"{where}: {rep['missing']} of {count} packets not received "
-                            f"within {timeout} s ({rep['received']} datagrams arrived)")
+            problems.append(
+                f"{where}: {rep['missing']} of {count} packets not received "
+                f"within {timeout} s ({rep['received']} datagrams arrived)"
+            )
         if rep["wrong_source"]:
-            problems.append(f"{where}: {len(rep['wrong_source'])} packets from the wrong source, "
-                            f"e.g. {rep['wrong_source'][:3]}")
+            problems.append(
+                f"{where}: {len(rep['wrong_source'])} packets from the wrong source, "
+                f"e.g. {rep['wrong_source'][:3]}"
+            )
         if rep["unknown"]:
-            problems.append(f"{where}: {len(rep['unknown'])} datagrams that {peer.name} did not "
-                            f"send (altered?), e.g. {rep['unknown'][:3]}")
+            problems.append(
+                f"{where}: {len(rep['unknown'])} datagrams that {peer.name} did not "
+                f"send (altered?), e.g. {rep['unknown'][:3]}"
+            )
         if rep["duplicates"]:
             problems.append(f"{where}: {rep['duplicates']} duplicated packets")
     if problems:

@@ -77,10 +77,12 @@ def find_kamailio() -> tuple[str | None, str | None]:
                 exe = p
                 break
     mods = None
-    for pattern in ("/usr/lib/*/kamailio/modules/rtpproxy.so",
-                    "/usr/lib/kamailio/modules/rtpproxy.so",
-                    "/usr/lib64/kamailio/modules/rtpproxy.so",
-                    "/usr/local/lib*/kamailio/modules/rtpproxy.so"):
+    for pattern in (
+        "/usr/lib/*/kamailio/modules/rtpproxy.so",
+        "/usr/lib/kamailio/modules/rtpproxy.so",
+        "/usr/lib64/kamailio/modules/rtpproxy.so",
+        "/usr/local/lib*/kamailio/modules/rtpproxy.so",
+    ):
         found = sorted(glob.glob(pattern))
         if found:
             mods = os.path.dirname(found[0])
@@ -247,45 +249,67 @@ class Stack:
         return [("relay", self.relay_log), ("kamailio", self.kamailio_log)]
 
     def describe(self) -> str:
-        media = (f" prompt={self.prompt} rec={self.record_dir} spool={self.spool_dir} pcap={self.pcap}"
-                 if self.media else "")
-        return (f"variant={self.variant} rtpproxy_sock={self.relay_url} extra=udp:{self.extra_ctl[0]}:"
-                f"{self.extra_ctl[1]} sip={self.sip_addr} ports={self.port_min}-{self.port_max}{media}")
+        media = (
+            f" prompt={self.prompt} rec={self.record_dir} spool={self.spool_dir} pcap={self.pcap}"
+            if self.media
+            else ""
+        )
+        return (
+            f"variant={self.variant} rtpproxy_sock={self.relay_url} extra=udp:{self.extra_ctl[0]}:"
+            f"{self.extra_ctl[1]} sip={self.sip_addr} ports={self.port_min}-{self.port_max}{media}"
+        )
 
     # -- start/stop ------------------------------------------------------------
     def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen:
         with open(log, "ab") as out:
             out.write(("$ " + shlex.join(argv) + "\n").encode())
             out.flush()
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=self.tmpdir, start_new_session=True)
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.tmpdir,
+                start_new_session=True,
+            )
 
     def _wait(self, proc: subprocess.Popen, log: Path, what: str, probe) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         last = None
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited with status {proc.returncode} during start-up:\n"
-                                   + log_tail(log))
+                raise RuntimeError(
+                    f"{what} exited with status {proc.returncode} during start-up:\n" + log_tail(log)
+                )
             try:
                 if probe(min(0.5, max(0.05, deadline - time.monotonic()))):
                     return
             except (OSError, TimeoutError, ValueError) as e:
                 last = e
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} not ready within {START_TIMEOUT} s (last error: {last!r}):\n"
-                                   + log_tail(log))
+                raise RuntimeError(
+                    f"{what} not ready within {START_TIMEOUT} s (last error: {last!r}):\n" + log_tail(log)
+                )
             time.sleep(0.05)
 
     def start_relay(self) -> None:
         argv = relay_command() + [
-            "-f", "-F",
-            "-s", self.relay_url,
-            "-s", f"udp:{self.extra_ctl[0]}:{self.extra_ctl[1]}",
-            "-l", LOOPBACK,
-            "-m", str(self.port_min), "-M", str(self.port_max),
-            "-p", str(self.tmpdir / "rtpproxy.pid"),
-            "-d", os.environ.get("COMPAT_LOG_LEVEL", "INFO"),
+            "-f",
+            "-F",
+            "-s",
+            self.relay_url,
+            "-s",
+            f"udp:{self.extra_ctl[0]}:{self.extra_ctl[1]}",
+            "-l",
+            LOOPBACK,
+            "-m",
+            str(self.port_min),
+            "-M",
+            str(self.port_max),
+            "-p",
+            str(self.tmpdir / "rtpproxy.pid"),
+            "-d",
+            os.environ.get("COMPAT_LOG_LEVEL", "INFO"),
         ]
         if self.media:
             if not os.environ.get("COMPAT_RELAY"):
@@ -305,15 +329,29 @@ class Stack:
         self._wait(self.relay, self.relay_log, "the relay", probe)
 
     def start_kamailio(self, exe: str, mods: str) -> None:
-        argv = [exe, "-DD", "-E",
-                "-f", str(KAMAILIO_CFG),
-                "-L", mods,
-                "-Y", str(self.tmpdir),
-                "-w", str(self.tmpdir),
-                "-P", str(self.tmpdir / "kamailio.pid"),
-                "-m", "32", "-M", "4",
-                "-l", f"udp:{self.sip_addr[0]}:{self.sip_addr[1]}",
-                "-A", f'RTPPROXY_SOCK="{self.relay_url}"']
+        argv = [
+            exe,
+            "-DD",
+            "-E",
+            "-f",
+            str(KAMAILIO_CFG),
+            "-L",
+            mods,
+            "-Y",
+            str(self.tmpdir),
+            "-w",
+            str(self.tmpdir),
+            "-P",
+            str(self.tmpdir / "kamailio.pid"),
+            "-m",
+            "32",
+            "-M",
+            "4",
+            "-l",
+            f"udp:{self.sip_addr[0]}:{self.sip_addr[1]}",
+            "-A",
+            f'RTPPROXY_SOCK="{self.relay_url}"',
+        ]
         if self.manage:
             argv += ["-A", "WITH_MANAGE"]
         if self.media:
@@ -327,14 +365,16 @@ class Stack:
             s.bind((LOOPBACK, 0))
             port = s.getsockname()[1]
             uri = f"sip:{self.sip_addr[0]}:{self.sip_addr[1]}"
-            msg = (f"OPTIONS {uri} SIP/2.0\r\n"
-                   f"Via: SIP/2.0/UDP {LOOPBACK}:{port};branch=z9hG4bK{callid};rport\r\n"
-                   f"Max-Forwards: 70\r\n"
-                   f"From: <sip:probe@{LOOPBACK}:{port}>;tag=p1\r\n"
-                   f"To: <{uri}>\r\n"
-                   f"Call-ID: {callid}\r\n"
-                   f"CSeq: 1 OPTIONS\r\n"
-                   f"Content-Length: 0\r\n\r\n")
+            msg = (
+                f"OPTIONS {uri} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {LOOPBACK}:{port};branch=z9hG4bK{callid};rport\r\n"
+                f"Max-Forwards: 70\r\n"
+                f"From: <sip:probe@{LOOPBACK}:{port}>;tag=p1\r\n"
+                f"To: <{uri}>\r\n"
+                f"Call-ID: {callid}\r\n"
+                f"CSeq: 1 OPTIONS\r\n"
+                f"Content-Length: 0\r\n\r\n"
+            )
             s.sendto(msg.encode(), self.sip_addr)
             s.settimeout(timeout)
             try:

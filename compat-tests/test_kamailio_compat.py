@@ -38,18 +38,23 @@ async def control(stack, command: str) -> str:
 
 def check_relay_sdp(stack, media: SdpMedia, receiver: UA, sender: UA, what: str) -> None:
     ctx = f"{what}: SDP received by {receiver.name}"
-    assert media.ip == "127.0.0.1", f"{ctx} has c= address {media.ip!r}, not the relay's 127.0.0.1:\n{media.raw}"
+    assert media.ip == "127.0.0.1", (
+        f"{ctx} has c= address {media.ip!r}, not the relay's 127.0.0.1:\n{media.raw}"
+    )
     assert media.port != sender.rtp_port, (
-        f"{ctx} still carries {sender.name}'s own RTP port {media.port}: the relay did not rewrite it:\n{media.raw}")
+        f"{ctx} still carries {sender.name}'s own RTP port {media.port}: the relay did not rewrite it:\n{media.raw}"
+    )
     assert stack.port_min <= media.port and media.port + 1 <= stack.port_max, (
         f"{ctx} has port {media.port}, outside the relay's range -m {stack.port_min} -M {stack.port_max}:\n"
-        f"{media.raw}")
+        f"{media.raw}"
+    )
     assert media.port % 2 == 0, f"{ctx} has an odd RTP port {media.port}:\n{media.raw}"
     assert media.payloads[:1] == ["0"], f"{ctx}: PCMU (0) is no longer offered first:\n{media.raw}"
 
 
-async def run_call(stack, *, reinvites: bool = True, bye_from: str = "A", packets: int = PACKETS,
-                   label: str = "call") -> None:
+async def run_call(
+    stack, *, reinvites: bool = True, bye_from: str = "A", packets: int = PACKETS, label: str = "call"
+) -> None:
     a = await UA.open("A", stack.sip_addr)
     b = await UA.open("B", stack.sip_addr)
     try:
@@ -60,25 +65,29 @@ async def run_call(stack, *, reinvites: bool = True, bye_from: str = "A", packet
             if r.status == 180:
                 ringing.set()
 
-        (resps, a_sdps), (_inv, b_sdp) = await both(a.invite(b, provisional),
-                                                    b.answer_invite(ringing_seen=ringing))
+        (resps, a_sdps), (_inv, b_sdp) = await both(
+            a.invite(b, provisional), b.answer_invite(ringing_seen=ringing)
+        )
         call = f"{label} Call-ID {a.call_id} (A tag {a.local_tag}, B tag {b.local_tag})"
         check_relay_sdp(stack, b_sdp, b, a, f"{call}, INVITE")
         assert [r.status for r in resps if r.has_sdp] == [180, 200], (
-            f"{call}: A expected SDP in 180 and 200, got responses {[r.first_line for r in resps]}")
+            f"{call}: A expected SDP in 180 and 200, got responses {[r.first_line for r in resps]}"
+        )
         for r, m in zip([r for r in resps if r.has_sdp], a_sdps):
             check_relay_sdp(stack, m, a, b, f"{call}, {r.status} reply")
         a_port, b_port = a_sdps[-1].port, b_sdp.port  # relay ports A and B send to
         assert a_sdps[0].port == a_port, (
             f"{call}: the 180 gave A port {a_sdps[0].port} but the 200 gave {a_port} (repeated L must "
-            f"answer the same port)")
+            f"answer the same port)"
+        )
         assert a_port != b_port, f"{call}: A and B were both given relay port {a_port}"
 
         await check_media(a, b, packets, f"{call}, after the INVITE")
 
         q = await control(stack, f"Q {a.call_id} {a.local_tag};1 {b.local_tag};1")
         assert not q.startswith("E"), (
-            f"{call}: `Q {a.call_id} {a.local_tag};1 {b.local_tag};1` during the call answered {q!r}")
+            f"{call}: `Q {a.call_id} {a.local_tag};1 {b.local_tag};1` during the call answered {q!r}"
+        )
 
         if reinvites:
             # re-INVITE from A: U with both tags (A first), L in the reply
@@ -87,14 +96,16 @@ async def run_call(stack, *, reinvites: bool = True, bye_from: str = "A", packet
             check_relay_sdp(stack, a_sdp2, a, b, f"{call}, 200 to the re-INVITE from A")
             assert (b_sdp2.port, a_sdp2.port) == (b_port, a_port), (
                 f"{call}: re-INVITE from A changed the ports: B {b_port}->{b_sdp2.port}, "
-                f"A {a_port}->{a_sdp2.port}")
+                f"A {a_port}->{a_sdp2.port}"
+            )
             # re-INVITE from B: U with B's tag first, L in A's reply
             a_sdp3, b_sdp3 = await both(a.answer_reinvite(), b.reinvite())
             check_relay_sdp(stack, a_sdp3, a, b, f"{call}, re-INVITE from B")
             check_relay_sdp(stack, b_sdp3, b, a, f"{call}, 200 to the re-INVITE from B")
             assert (a_sdp3.port, b_sdp3.port) == (a_port, b_port), (
                 f"{call}: re-INVITE from B changed the ports: A {a_port}->{a_sdp3.port}, "
-                f"B {b_port}->{b_sdp3.port}")
+                f"B {b_port}->{b_sdp3.port}"
+            )
             await check_media(a, b, packets, f"{call}, after the re-INVITEs")
 
         # BYE: Kamailio sends D before it forwards the BYE, so once the 200
@@ -151,7 +162,8 @@ async def test_late_offer(stack):
             (resps, a_sdps), (_inv, b_sdp) = await both(a.invite(b, late_offer=True), b.answer_invite())
             call = f"late-offer call Call-ID {a.call_id} (A tag {a.local_tag}, B tag {b.local_tag})"
             assert [r.status for r in resps if r.has_sdp] == [200], (
-                f"{call}: A expected SDP in the 200 only, got {[r.first_line for r in resps]}")
+                f"{call}: A expected SDP in the 200 only, got {[r.first_line for r in resps]}"
+            )
             check_relay_sdp(stack, a_sdps[0], a, b, f"{call}, 200 with the offer")
             check_relay_sdp(stack, b_sdp, b, a, f"{call}, ACK with the answer")
             assert a_sdps[0].port != b_sdp.port, f"{call}: A and B were both given relay port {b_sdp.port}"
@@ -174,6 +186,7 @@ async def test_cancel_while_ringing(stack):
         a = await UA.open("A", stack.sip_addr)
         b = await UA.open("B", stack.sip_addr)
         try:
+
             async def caller():
                 await a.send_invite(b)
                 return await a.wait_ringing()
@@ -185,7 +198,8 @@ async def test_cancel_while_ringing(stack):
             await check_media(a, b, 20, f"{call}, early media")
             (ok, final), _ = await both(a.cancel(), b.accept_cancel())
             assert (ok.status, final.status) == (200, 487), (
-                f"{call}: CANCEL got {ok.first_line!r}, the INVITE {final.first_line!r}")
+                f"{call}: CANCEL got {ok.first_line!r}, the INVITE {final.first_line!r}"
+            )
             cmd = f"Q {a.call_id} {a.local_tag};1 {b.local_tag};1"
             q = await control(stack, cmd)
             assert q == "E50", f"{call}: after the CANCEL, `{cmd}` answered {q!r}, not E50"

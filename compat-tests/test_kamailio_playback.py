@@ -56,8 +56,10 @@ def write_prompt(template: Path) -> bytes:
     Returns the PCMU file's contents."""
     n = PROMPT_CHUNKS * CHUNK
     dur = n / 8000
-    samples = [round(12000 * math.sin(2 * math.pi * (400 * t + 800 * t * t / (2 * dur))))
-               for t in (i / 8000 for i in range(n))]
+    samples = [
+        round(12000 * math.sin(2 * math.pi * (400 * t + 800 * t * t / (2 * dur))))
+        for t in (i / 8000 for i in range(n))
+    ]
     wav_path = template.parent / (template.name + ".wav")
     with wave.open(str(wav_path), "wb") as w:
         w.setnchannels(1)
@@ -68,7 +70,7 @@ def write_prompt(template: Path) -> bytes:
     assert sorted(made) == [f"{template}.0", f"{template}.8"], made
     data = Path(f"{template}.0").read_bytes()
     assert len(data) == n
-    chunks = {data[i:i + CHUNK] for i in range(0, n, CHUNK)}
+    chunks = {data[i : i + CHUNK] for i in range(0, n, CHUNK)}
     assert len(chunks) == PROMPT_CHUNKS, "the tone's chunks should all differ"
     return data
 
@@ -125,19 +127,23 @@ class Party:
             while not pred():
                 await self._ev.wait()
             return
-        raise AssertionError(f"{self.ua.name} did not get {what} within {timeout} s "
-                             f"(received: {self.summary()})")
+        raise AssertionError(
+            f"{self.ua.name} did not get {what} within {timeout} s (received: {self.summary()})"
+        )
 
     def summary(self) -> str:
-        return (f"{self.count('peer', 0)}/{self.count('peer', 1)}/{self.count('peer', 2)} of the peer's packets "
-                f"sent before/during/after the prompt, {self.count('other')} others")
+        return (
+            f"{self.count('peer', 0)}/{self.count('peer', 1)}/{self.count('peer', 2)} of the peer's packets "
+            f"sent before/during/after the prompt, {self.count('other')} others"
+        )
 
 
 async def action(ua: UA, name: str) -> None:
     resp = await ua.request("INFO", [("X-Action", name)])
     assert resp.status == 200 and resp.get("x-result") == "1", (
         f"INFO X-Action: {name} got {resp.first_line!r} X-Result {resp.get('x-result')!r} "
-        "(route(MEDIA_ACTION) in kamailio.cfg)")
+        "(route(MEDIA_ACTION) in kamailio.cfg)"
+    )
 
 
 def check_prompt_packets(listener: Party, talker: Party, prompt: bytes, what: str) -> None:
@@ -150,7 +156,8 @@ def check_prompt_packets(listener: Party, talker: Party, prompt: bytes, what: st
         where = f"{what}: prompt packet #{k} ({len(pkt)} bytes)"
         assert src == tuple(listener.ua.remote_media), (
             f"{where} came from {src}, not from the relay address {listener.ua.remote_media} "
-            f"{listener.ua.name} sends to")
+            f"{listener.ua.name} sends to"
+        )
         assert len(pkt) == 12 + CHUNK, f"{where}: expected 12 + {CHUNK} bytes (PCMU, 10 ms)"
         b0, b1, seq, ts, pssrc = struct.unpack("!BBHII", pkt[:12])
         assert b0 == 0x80, f"{where}: first byte 0x{b0:02x}, not 0x80"
@@ -159,10 +166,13 @@ def check_prompt_packets(listener: Party, talker: Party, prompt: bytes, what: st
         assert pssrc == ssrc, f"{where}: SSRC 0x{pssrc:08x} changed from 0x{ssrc:08x}"
         assert pssrc != talker.ssrc, f"{where}: has {talker.ua.name}'s SSRC"
         assert seq == (seq0 + k) & 0xFFFF, f"{where}: seq {seq}, expected {(seq0 + k) & 0xFFFF}"
-        assert ts == (ts0 + CHUNK * k) & 0xFFFFFFFF, f"{where}: ts {ts}, expected {(ts0 + CHUNK * k) & 0xFFFFFFFF}"
+        assert ts == (ts0 + CHUNK * k) & 0xFFFFFFFF, (
+            f"{where}: ts {ts}, expected {(ts0 + CHUNK * k) & 0xFFFFFFFF}"
+        )
         i = k % PROMPT_CHUNKS
-        assert pkt[12:] == prompt[i * CHUNK:(i + 1) * CHUNK], (
-            f"{where}: the payload is not chunk {i} of {PROMPT_CHUNKS} of the prompt file")
+        assert pkt[12:] == prompt[i * CHUNK : (i + 1) * CHUNK], (
+            f"{where}: the payload is not chunk {i} of {PROMPT_CHUNKS} of the prompt file"
+        )
 
 
 async def run_playback(stack, prompt: bytes, to_caller: bool) -> None:
@@ -178,32 +188,40 @@ async def run_playback(stack, prompt: bytes, to_caller: bool) -> None:
                 nursery.start_soon(p.recv_loop, peer)
                 nursery.start_soon(p.send_loop)
 
-            await listener.wait_for(f"{talker.ua.name}'s media before {start}",
-                                    lambda: listener.count("peer", 0) >= 5)
+            await listener.wait_for(
+                f"{talker.ua.name}'s media before {start}", lambda: listener.count("peer", 0) >= 5
+            )
             await action(a, start)
             state["phase"] = 1
-            await listener.wait_for(f"{PLAYED} prompt packets after {start}",
-                                    lambda: listener.count("other") >= PLAYED)
+            await listener.wait_for(
+                f"{PLAYED} prompt packets after {start}", lambda: listener.count("other") >= PLAYED
+            )
             n_talker_heard = talker.count("peer", 1)
-            await talker.wait_for(f"{listener.ua.name}'s media while the prompt plays to it",
-                                  lambda: talker.count("peer", 1) >= n_talker_heard + 5)
+            await talker.wait_for(
+                f"{listener.ua.name}'s media while the prompt plays to it",
+                lambda: talker.count("peer", 1) >= n_talker_heard + 5,
+            )
             await action(a, stop)
             state["phase"] = 2
-            await listener.wait_for(f"{talker.ua.name}'s media after {stop}",
-                                    lambda: listener.count("peer", 2) >= 5)
+            await listener.wait_for(
+                f"{talker.ua.name}'s media after {stop}", lambda: listener.count("peer", 2) >= 5
+            )
             nursery.cancel_scope.cancel()
 
         assert listener.count("peer", 1) == 0, (
             f"{call}: {listener.count('peer', 1)} of {talker.ua.name}'s packets sent while the prompt played "
-            f"reached {listener.ua.name} (the relay must suppress them)")
+            f"reached {listener.ua.name} (the relay must suppress them)"
+        )
         check_prompt_packets(listener, talker, prompt, call)
         first_after = next(i for i, e in enumerate(listener.log) if e[:2] == ("peer", 2))
         late = [i for i, e in enumerate(listener.log) if e[0] == "other" and i > first_after]
         assert not late, (
             f"{call}: {len(late)} prompt packets reached {listener.ua.name} after {talker.ua.name}'s media "
-            f"came back ({stop} must end the prompt)")
+            f"came back ({stop} must end the prompt)"
+        )
         assert talker.count("other") == 0, (
-            f"{call}: {talker.ua.name} got {talker.count('other')} packets it should not have")
+            f"{call}: {talker.ua.name} got {talker.count('other')} packets it should not have"
+        )
 
         await gather(a.bye(), b.answer_bye())
         cmd = f"Q {a.call_id} {a.local_tag};1 {b.local_tag};1"

@@ -71,7 +71,8 @@ async def send_rtcp(a_sock, a_dst, b_sock, b_dst) -> list[bytes]:
             nursery.cancel_scope.cancel()
     assert not scope.cancelled_caught, (
         f"B's RTCP socket got {len(got)} of the {len(sent)} RTCP packets A sent within {WAIT} s "
-        f"(last one {'received' if sent and sent[-1] in got else 'not received'})")
+        f"(last one {'received' if sent and sent[-1] in got else 'not received'})"
+    )
     return sent
 
 
@@ -82,12 +83,14 @@ async def wait_for_files(paths: list[Path], timeout: float = WAIT) -> None:
         while not all(p.exists() for p in paths):
             await trio.sleep(0.02)
         return
-    raise AssertionError(f"recordings not in -r within {timeout} s: "
-                         f"{[str(p) for p in paths if not p.exists()]}")
+    raise AssertionError(
+        f"recordings not in -r within {timeout} s: {[str(p) for p in paths if not p.exists()]}"
+    )
 
 
-def check_recording(path: Path, expected: list[bytes], src: tuple[str, int], dst: tuple[str, int],
-                    pcap: bool, what: str) -> None:
+def check_recording(
+    path: Path, expected: list[bytes], src: tuple[str, int], dst: tuple[str, int], pcap: bool, what: str
+) -> None:
     rec = recfmt.read_file(path)
     ctx = f"{what} ({path})"
     assert rec.format == ("pcap" if pcap else "adhoc"), f"{ctx}: format {rec.format}"
@@ -96,9 +99,11 @@ def check_recording(path: Path, expected: list[bytes], src: tuple[str, int], dst
     if data != expected:
         missing = sum(1 for x in expected if x not in data)
         extra = sum(1 for x in data if x not in expected)
-        raise AssertionError(f"{ctx}: {len(data)} packets recorded, {len(expected)} expected: "
-                             f"{missing} missing, {extra} that A did not send after the INFO"
-                             + ("; same packets, other order" if not missing and not extra else ""))
+        raise AssertionError(
+            f"{ctx}: {len(data)} packets recorded, {len(expected)} expected: "
+            f"{missing} missing, {extra} that A did not send after the INFO"
+            + ("; same packets, other order" if not missing and not extra else "")
+        )
     for i, p in enumerate(rec.packets):
         assert p.src == src, f"{ctx}: packet #{i} recorded from {p.src}, A sent it from {src}"
         if pcap:
@@ -123,7 +128,8 @@ async def test_start_recording(media_stack):
 
             resp = await a.request("INFO", [("X-Action", "record")])
             assert resp.status == 200 and resp.get("x-result") == "1", (
-                f"{call}: INFO X-Action: record got {resp.first_line!r} X-Result {resp.get('x-result')!r}")
+                f"{call}: INFO X-Action: record got {resp.first_line!r} X-Result {resp.get('x-result')!r}"
+            )
 
             pa, pb = make_rtp_stream(PACKETS), make_rtp_stream(PACKETS)
             await check_media(a, b, packets=(pa, pb))
@@ -138,12 +144,28 @@ async def test_start_recording(media_stack):
             rtcp_file = stack.record_dir / (base + ".rtcp")
             assert base == f"{a.call_id}={a.local_tag}.o"
             await wait_for_files([rtp_file, rtcp_file])
-            check_recording(rtp_file, pa, (LOOPBACK, a.rtp_port), tuple(a.remote_media), stack.pcap,
-                            f"{call}: RTP recording")
-            check_recording(rtcp_file, rtcp_sent, tuple(a_rtcp.getsockname()[:2]), a_rtcp_dst, stack.pcap,
-                            f"{call}: RTCP recording")
-            others = sorted(p.name for d in (stack.record_dir, stack.spool_dir) for p in d.iterdir()
-                            if a.call_id in p.name and p not in (rtp_file, rtcp_file))
+            check_recording(
+                rtp_file,
+                pa,
+                (LOOPBACK, a.rtp_port),
+                tuple(a.remote_media),
+                stack.pcap,
+                f"{call}: RTP recording",
+            )
+            check_recording(
+                rtcp_file,
+                rtcp_sent,
+                tuple(a_rtcp.getsockname()[:2]),
+                a_rtcp_dst,
+                stack.pcap,
+                f"{call}: RTCP recording",
+            )
+            others = sorted(
+                p.name
+                for d in (stack.record_dir, stack.spool_dir)
+                for p in d.iterdir()
+                if a.call_id in p.name and p not in (rtp_file, rtcp_file)
+            )
             assert not others, f"{call}: unexpected recording files {others} (R records A's direction only)"
         finally:
             a.close()

@@ -63,7 +63,9 @@ async def start_relay(nursery, clock=None, workers=0, **kw) -> Relay:
     return Relay(server, addr)
 
 
-def rtp_packet(ssrc: int, seq: int, payload: bytes = b"\xd5" * 160, pt: int = 0, ts: int | None = None) -> bytes:
+def rtp_packet(
+    ssrc: int, seq: int, payload: bytes = b"\xd5" * 160, pt: int = 0, ts: int | None = None
+) -> bytes:
     ts = seq * 160 if ts is None else ts
     return struct.pack("!BBHII", 0x80, pt, seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
 

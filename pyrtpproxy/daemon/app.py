@@ -91,6 +91,7 @@ class Server:
             kind = getattr(getattr(b, "spec", None), "kind", "")
             if kind == "stdioc" or len(self.bound) == 1:
                 self.drain()
+
         return eof
 
     def announce(self, what: str) -> None:

@@ -314,9 +314,7 @@ def build_config(argv: Sequence[str]) -> Config:
             case "-W":
                 kw["setup_ttl"] = _int_arg(arg, 1, None, "{arg}: max setup TTL argument is invalid")
             case "-L":
-                kw["nofile_limit"] = _int_arg(
-                    arg, 0, None, "{arg}: max file rlimit argument is invalid"
-                )
+                kw["nofile_limit"] = _int_arg(arg, 0, None, "{arg}: max file rlimit argument is invalid")
             case "-m":
                 port_min = _int_arg(
                     arg,
@@ -388,9 +386,7 @@ def build_config(argv: Sequence[str]) -> Config:
 
     if rest:
         n = len(rest)
-        raise UsageError(
-            f"{n} extra unhandled argument{'s' if n > 1 else ''} at the end of the command line"
-        )
+        raise UsageError(f"{n} extra unhandled argument{'s' if n > 1 else ''} at the end of the command line")
 
     ttl = kw.get("ttl", attrs.fields(Config).ttl.default)
     kw.setdefault("setup_ttl", ttl)
@@ -465,19 +461,14 @@ def apply_scheduling(config: Config) -> None:
         try:
             os.setpriority(os.PRIO_PROCESS, 0, config.nice)
         except OSError as exc:
-            raise ConfigError(
-                f"can't set scheduling priority to {config.nice}: {exc.strerror}"
-            ) from None
+            raise ConfigError(f"can't set scheduling priority to {config.nice}: {exc.strerror}") from None
 
 
 def _warn_ignored(config: Config) -> None:
     for module in config.dso:
         _err(f"WARNING: --dso {module}: modules are not supported by pyrtpproxy, ignoring it")
     if config.config_file is not None:
-        _err(
-            f"WARNING: --config {config.config_file}: modules are not supported by "
-            "pyrtpproxy, ignoring it"
-        )
+        _err(f"WARNING: --config {config.config_file}: modules are not supported by pyrtpproxy, ignoring it")
 
 
 # ---------------------------------------------------------------- entry point

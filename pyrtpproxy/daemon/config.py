@@ -301,8 +301,7 @@ def build_bind_addrs(
             continue
         if external is not None:
             raise ConfigError(
-                "either IPv4 or IPv6 should be configured for external "
-                "interface in bridging mode, not both"
+                "either IPv4 or IPv6 should be configured for external interface in bridging mode, not both"
             )
         bridge = True
         inside, _, outside = args[i].host.partition("/")
@@ -323,21 +322,18 @@ def build_bind_addrs(
             pending[i] = None
         if internal is None or external is None:
             raise ConfigError(
-                "incomplete configuration of the bridging mode - exactly "
-                "2 listen addresses required"
+                "incomplete configuration of the bridging mode - exactly 2 listen addresses required"
             )
         if adv[0] is not None and adv[1] is None:
             raise ConfigError(
-                "two advertised addresses are required for internal and "
-                "external interfaces in bridging mode"
+                "two advertised addresses are required for internal and external interfaces in bridging mode"
             )
         for side, a in enumerate((internal, external)):
             if a.label is not None:
                 raise ConfigError("bridging address(es) cannot have a label")
             if a.adv is not None:
                 raise ConfigError(
-                    "bridging address(es) cannot have an advertised address, "
-                    "use matching -A argument"
+                    "bridging address(es) cannot have an advertised address, use matching -A argument"
                 )
             result.append(BindAddr(a.family, resolve(a.host, a.family, no_resolve), adv[side]))
 
@@ -371,20 +367,14 @@ def normalise_notify_target(target: str) -> str:
     if target.startswith("tcp:"):
         host, sep, port = target[4:].rpartition(":")
         if not sep or not host or not port:
-            raise ConfigError(
-                "error adding timeout notification: Can't parse host:port: invalid address"
-            )
+            raise ConfigError("error adding timeout notification: Can't parse host:port: invalid address")
         p = parse_c_int(port)
         if p is None or not 0 < p <= 65535:
-            raise ConfigError(
-                "error adding timeout notification: Can't parse host:port: invalid port"
-            )
+            raise ConfigError("error adding timeout notification: Can't parse host:port: invalid port")
         return target
     path = target[5:] if target.startswith("unix:") else target
     if not path:
-        raise ConfigError(
-            "error adding timeout notification: Timeout notification socket name too short"
-        )
+        raise ConfigError("error adding timeout notification: Timeout notification socket name too short")
     return "unix:" + path
 
 

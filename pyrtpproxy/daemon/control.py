@@ -203,16 +203,13 @@ def parse_control_url(s: str) -> ControlSpec:
             raise ValueError(f"invalid control socket {s!r}: empty socket path")
         if len(os.fsencode(rest)) >= _SUN_PATH_MAX:
             raise ValueError(
-                f"invalid control socket {s!r}: socket name is too long "
-                f"(at most {_SUN_PATH_MAX - 1} bytes)"
+                f"invalid control socket {s!r}: socket name is too long (at most {_SUN_PATH_MAX - 1} bytes)"
             )
         return ControlSpec(kind=kind, path=rest, text=s)
 
     if kind in ("stdio", "stdioc", "systemd"):
         if rest:
-            raise ValueError(
-                f"invalid control socket {s!r}: nothing may follow {kind + ':'!r}"
-            )
+            raise ValueError(f"invalid control socket {s!r}: nothing may follow {kind + ':'!r}")
         return ControlSpec(kind=kind, text=s)
 
     # udp, udp6, tcp, tcp6
@@ -220,9 +217,7 @@ def parse_control_url(s: str) -> ControlSpec:
     if not sep:
         host, port_s = rest, ""
     if not host:
-        raise ValueError(
-            f"invalid control socket {s!r}: missing host (use '*' for every address)"
-        )
+        raise ValueError(f"invalid control socket {s!r}: missing host (use '*' for every address)")
     if host.startswith("[") or host.endswith("]"):
         raise ValueError(
             f"invalid control socket {s!r}: brackets are not accepted around "
@@ -234,8 +229,7 @@ def parse_control_url(s: str) -> ControlSpec:
     if ":" in host:
         if kind in ("udp", "tcp"):
             raise ValueError(
-                f"invalid control socket {s!r}: {host!r} is not an IPv4 host "
-                f"(IPv6 needs '{kind}6:')"
+                f"invalid control socket {s!r}: {host!r} is not an IPv4 host (IPv6 needs '{kind}6:')"
             )
         try:
             ipaddress.IPv6Address(host)
@@ -252,9 +246,7 @@ def parse_control_url(s: str) -> ControlSpec:
             raise ValueError(f"invalid control socket {s!r}: bad port {port_s!r}")
         port = int(port_s)
         if port > 65535:
-            raise ValueError(
-                f"invalid control socket {s!r}: port {port} out of range 0..65535"
-            )
+            raise ValueError(f"invalid control socket {s!r}: port {port} out of range 0..65535")
     return ControlSpec(kind=kind, host=host, port=port, text=s)
 
 
@@ -331,20 +323,14 @@ def systemd_listen_fd(environ: Mapping[str, str] | None = None) -> int:
     pid_s = env.get("LISTEN_PID")
     nfds_s = env.get("LISTEN_FDS")
     if not pid_s or not nfds_s:
-        raise ControlBindError(
-            "systemd: no socket passed by systemd (LISTEN_PID/LISTEN_FDS not set)"
-        )
+        raise ControlBindError("systemd: no socket passed by systemd (LISTEN_PID/LISTEN_FDS not set)")
     try:
         pid = int(pid_s)
         nfds = int(nfds_s)
     except ValueError:
-        raise ControlBindError(
-            f"systemd: bad LISTEN_PID/LISTEN_FDS ({pid_s!r}, {nfds_s!r})"
-        ) from None
+        raise ControlBindError(f"systemd: bad LISTEN_PID/LISTEN_FDS ({pid_s!r}, {nfds_s!r})") from None
     if pid != os.getpid():
-        raise ControlBindError(
-            f"systemd: the passed sockets are for pid {pid}, not this process"
-        )
+        raise ControlBindError(f"systemd: the passed sockets are for pid {pid}, not this process")
     if nfds > 1:
         raise ControlBindError("systemd: too many file descriptors received")
     if nfds < 1:
@@ -361,8 +347,10 @@ def _resolve(spec: ControlSpec, socktype: int, no_resolve: bool) -> tuple[int, A
     family = spec.family
     assert family is not None and spec.host is not None
     host: str | None = spec.host
-    if host == "*" or (family == socket.AF_INET and host == "0.0.0.0") or (
-        family == socket.AF_INET6 and host == "::"
+    if (
+        host == "*"
+        or (family == socket.AF_INET and host == "0.0.0.0")
+        or (family == socket.AF_INET6 and host == "::")
     ):
         host = None
     flags = socket.AI_PASSIVE
@@ -372,8 +360,7 @@ def _resolve(spec: ControlSpec, socktype: int, no_resolve: bool) -> tuple[int, A
         infos = socket.getaddrinfo(host, spec.port, family, socktype, 0, flags)
     except socket.gaierror as e:
         raise ControlBindError(
-            f"can't resolve {spec.host!r} for control socket {spec.text or spec}: "
-            f"{e.strerror}"
+            f"can't resolve {spec.host!r} for control socket {spec.text or spec}: {e.strerror}"
         ) from None
     if not infos:  # pragma: no cover - getaddrinfo raises instead
         raise ControlBindError(f"can't resolve {spec.host!r}")
@@ -396,9 +383,7 @@ def _bind_inet(spec: ControlSpec, socktype: int, no_resolve: bool) -> socket.soc
         try:
             sock.bind(sockaddr)
         except OSError as e:
-            raise ControlBindError(
-                f"can't bind to a socket: {spec.text or spec}: {e.strerror}"
-            ) from None
+            raise ControlBindError(f"can't bind to a socket: {spec.text or spec}: {e.strerror}") from None
         if socktype == socket.SOCK_STREAM:
             sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
@@ -408,9 +393,7 @@ def _bind_inet(spec: ControlSpec, socktype: int, no_resolve: bool) -> socket.soc
     return sock
 
 
-def _bind_unix(
-    spec: ControlSpec, sock_mode: int | None, owner: tuple[int, int] | None
-) -> BoundControl:
+def _bind_unix(spec: ControlSpec, sock_mode: int | None, owner: tuple[int, int] | None) -> BoundControl:
     path = spec.path
     assert path is not None
     try:
@@ -422,35 +405,28 @@ def _bind_unix(
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ControlBindError(
-                f"can't bind to a socket: {path}: the path exists and is not a "
-                f"socket; refusing to remove it"
+                f"can't bind to a socket: {path}: the path exists and is not a socket; refusing to remove it"
             )
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise ControlBindError(
-                f"can't remove the old socket {path}: {e.strerror}"
-            ) from None
+            raise ControlBindError(f"can't remove the old socket {path}: {e.strerror}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     bound = False
     try:
         try:
             sock.bind(path)
         except OSError as e:
-            raise ControlBindError(
-                f"can't bind to a socket: {path}: {e.strerror}"
-            ) from None
+            raise ControlBindError(f"can't bind to a socket: {path}: {e.strerror}") from None
         bound = True
         st = os.lstat(path)
         if owner is not None:
             try:
                 os.chown(path, owner[0], owner[1])
             except OSError as e:
-                raise ControlBindError(
-                    f"can't set owner of the socket: {path}: {e.strerror}"
-                ) from None
+                raise ControlBindError(f"can't set owner of the socket: {path}: {e.strerror}") from None
         if sock_mode is not None:
             try:
                 os.chmod(path, sock_mode)
@@ -515,17 +491,14 @@ def bind_control(
         try:
             sock = socket.socket(fileno=fd)
         except OSError as e:
-            raise ControlBindError(
-                f"systemd: fd {fd} is not a socket: {e.strerror}"
-            ) from None
+            raise ControlBindError(f"systemd: fd {fd} is not a socket: {e.strerror}") from None
         try:
             if sock.type == socket.SOCK_DGRAM:
                 mode = DATAGRAM
             elif sock.type == socket.SOCK_STREAM:
                 if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
                     raise ControlBindError(
-                        f"systemd: fd {fd} is not a listening socket "
-                        f"(use Accept=false in the .socket unit)"
+                        f"systemd: fd {fd} is not a listening socket (use Accept=false in the .socket unit)"
                     )
                 mode = STREAM
             else:
@@ -596,9 +569,7 @@ async def serve(
             reply_cache = ReplyCache()
         await _serve_datagram(bound, handler, reply_cache, task_status)
     elif bound.mode in (ONESHOT, STREAM):
-        await _serve_listener(
-            bound, handler, task_status, max_connections, oneshot_timeout
-        )
+        await _serve_listener(bound, handler, task_status, max_connections, oneshot_timeout)
     elif bound.mode == STDIO:
         await _serve_stdio(bound, handler, task_status, on_eof)
     else:  # pragma: no cover
@@ -628,7 +599,8 @@ async def _serve_datagram(
         if len(data) >= bufsize:
             log.warning(
                 "control datagram from %s too long (>= %d bytes), rejected",
-                addr, bufsize,
+                addr,
+                bufsize,
             )
             cmd = b""
         peer = _peer_host(addr)
@@ -686,11 +658,8 @@ async def _serve_listener(
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
                 if e.errno in _CLOSED_ERRNOS:
-                    raise trio.ClosedResourceError(
-                        f"control socket {bound.spec} closed"
-                    ) from e
-                log.error("can't accept connection on control socket %s: %s",
-                          bound.spec, e)
+                    raise trio.ClosedResourceError(f"control socket {bound.spec} closed") from e
+                log.error("can't accept connection on control socket %s: %s", bound.spec, e)
                 # EMFILE/ENFILE/ENOBUFS/ENOMEM: back off instead of spinning
                 await trio.sleep(0.1)
                 continue
@@ -699,15 +668,22 @@ async def _serve_listener(
                 if not count.full_logged:
                     log.warning(
                         "control socket %s: %d connections open, refusing more",
-                        bound.spec, count.active,
+                        bound.spec,
+                        count.active,
                     )
                     count.full_logged = True
                 continue
             count.active += 1
             peer = LOCAL_PEER if is_unix else _peer_host(addr)
             nursery.start_soon(
-                _conn_wrapper, conn_fn, conn, handler, peer, count,
-                max_connections, oneshot_timeout,
+                _conn_wrapper,
+                conn_fn,
+                conn,
+                handler,
+                peer,
+                count,
+                max_connections,
+                oneshot_timeout,
             )
 
 
@@ -772,7 +748,8 @@ async def _stream_conn(
             if line is None:
                 log.warning(
                     "control connection from %s: line longer than %d bytes, closing",
-                    peer, CMD_BUFLEN - 1,
+                    peer,
+                    CMD_BUFLEN - 1,
                 )
                 return
             handler.note_received()
@@ -808,7 +785,8 @@ async def _serve_stdio(
                 if line is None:
                     log.error(
                         "control %s: line longer than %d bytes, closing",
-                        bound.spec, CMD_BUFLEN - 1,
+                        bound.spec,
+                        CMD_BUFLEN - 1,
                     )
                     stop = True
                     break

@@ -136,7 +136,7 @@ class Dispatcher:
             return await self._handle(data, peer_host)
 
     async def _handle(self, data: bytes, peer_host: str | None) -> bytes:
-        log.debug("received command \"%s\"", data.decode("utf-8", "replace").rstrip("\r\n"))
+        log.debug('received command "%s"', data.decode("utf-8", "replace").rstrip("\r\n"))
         try:
             cmd = self._parse(data, self.env)
             reply = await self.execute(cmd, peer_host)
@@ -151,7 +151,7 @@ class Dispatcher:
             self.counters.ncmds_errs += 1
         self.counters.ncmds_repld += 1
         out = reply + "\n"
-        log.debug("sending reply \"%s\"", reply.replace("\n", "\\n"))
+        log.debug('sending reply "%s"', reply.replace("\n", "\\n"))
         return out.encode("utf-8", "surrogateescape")
 
     # ---- commands ------------------------------------------------------------
@@ -306,7 +306,12 @@ class Dispatcher:
                 s, pidx = found
         else:
             if found is None:
-                log.info("lookup on unknown session, tags %s/%s", cmd.from_tag, cmd.to_tag, extra={"callid": cmd.call_id})
+                log.info(
+                    "lookup on unknown session, tags %s/%s",
+                    cmd.from_tag,
+                    cmd.to_tag,
+                    extra={"callid": cmd.call_id},
+                )
                 return "0"
             s, idx = found
             pidx = 1 - idx
@@ -380,7 +385,9 @@ class Dispatcher:
         s.notify_tag = cmd.notify_tag
         s.notify_host = peer_host or "127.0.0.1"
 
-    def _subcommands(self, reply: str, cmd: Any, s: Session, pidx: int, now: float, peer_host: str | None) -> str:
+    def _subcommands(
+        self, reply: str, cmd: Any, s: Session, pidx: int, now: float, peer_host: str | None
+    ) -> str:
         parts = [reply]
         pending = 0
         delete = False

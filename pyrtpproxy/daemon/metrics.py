@@ -155,32 +155,47 @@ def render_prometheus(snap: Snapshot) -> str:
             continue
         pname, typ = _g_metric(gname, kind)
         metric(pname, typ, descr, [("", snap.counters[gname])])
-    metric("rtpproxy_sessions_active", "gauge", "Sessions currently in the table",
-           [("", snap.sessions_active)])
-    metric("rtpproxy_streams_active", "gauge", "RTP streams of the active sessions",
-           [("", snap.streams_active)])
+    metric(
+        "rtpproxy_sessions_active", "gauge", "Sessions currently in the table", [("", snap.sessions_active)]
+    )
+    metric(
+        "rtpproxy_streams_active", "gauge", "RTP streams of the active sessions", [("", snap.streams_active)]
+    )
     for key, idx, help_ in (
         ("rtpproxy_ports_in_use", 0, "Media port pairs in use"),
         ("rtpproxy_ports_free", 1, "Media port pairs free"),
         ("rtpproxy_ports_total", 2, "Media port pairs in the -m/-M range"),
     ):
-        metric(key, "gauge", help_,
-               [(f'{{family="{fam}"}}', v[idx]) for fam, v in snap.ports.items()])
-    metric("rtpproxy_notifications_queued_total", "counter",
-           "Timeout notifications queued for delivery", [("", snap.notify["queued"])])
-    metric("rtpproxy_notifications_sent_total", "counter",
-           "Timeout notifications written to their target", [("", snap.notify["sent"])])
-    metric("rtpproxy_notifications_dropped_total", "counter",
-           "Timeout notifications dropped (queue full or target unreachable)",
-           [("", snap.notify["dropped"])])
-    metric("rtpproxy_notifications_pending", "gauge",
-           "Timeout notifications waiting for delivery", [("", snap.notify["pending"])])
-    metric("rtpproxy_recordings_open", "gauge", "Recording files currently open",
-           [("", snap.recordings_open)])
-    metric("rtpproxy_draining", "gauge", "1 after SIGHUP (no new sessions)",
-           [("", snap.draining)])
-    metric("rtpproxy_uptime_seconds", "gauge", "Seconds since the relay started serving",
-           [("", snap.uptime)])
+        metric(key, "gauge", help_, [(f'{{family="{fam}"}}', v[idx]) for fam, v in snap.ports.items()])
+    metric(
+        "rtpproxy_notifications_queued_total",
+        "counter",
+        "Timeout notifications queued for delivery",
+        [("", snap.notify["queued"])],
+    )
+    metric(
+        "rtpproxy_notifications_sent_total",
+        "counter",
+        "Timeout notifications written to their target",
+        [("", snap.notify["sent"])],
+    )
+    metric(
+        "rtpproxy_notifications_dropped_total",
+        "counter",
+        "Timeout notifications dropped (queue full or target unreachable)",
+        [("", snap.notify["dropped"])],
+    )
+    metric(
+        "rtpproxy_notifications_pending",
+        "gauge",
+        "Timeout notifications waiting for delivery",
+        [("", snap.notify["pending"])],
+    )
+    metric(
+        "rtpproxy_recordings_open", "gauge", "Recording files currently open", [("", snap.recordings_open)]
+    )
+    metric("rtpproxy_draining", "gauge", "1 after SIGHUP (no new sessions)", [("", snap.draining)])
+    metric("rtpproxy_uptime_seconds", "gauge", "Seconds since the relay started serving", [("", snap.uptime)])
     return "\n".join(out) + "\n"
 
 
@@ -253,8 +268,7 @@ def bind_metrics(text: str) -> socket.socket:
         raise MetricsError(f"--metrics {text}: can't bind: {exc.strerror}") from None
     addr = sock.getsockname()[0]
     if addr not in ("127.0.0.1", "::1") and not addr.startswith("127."):
-        log.warning("metrics listener on %s is reachable from other hosts; "
-                    "it has no authentication", text)
+        log.warning("metrics listener on %s is reachable from other hosts; it has no authentication", text)
     return sock
 
 

@@ -228,8 +228,7 @@ class Notifier:
         target = self._target(self.specs[name], peer_host)
         if target is None or self._nursery is None:
             self.dropped += 1
-            log.error("timeout notification for %s dropped: notifier not running "
-                      "or too many targets", sock)
+            log.error("timeout notification for %s dropped: notifier not running or too many targets", sock)
             return False
         q = target.queue
         if len(q) >= self.queue_max:
@@ -237,8 +236,9 @@ class Notifier:
             target.dropped += 1
             self.dropped += 1
             if target.dropped == 1 or target.dropped % 100 == 0:
-                log.error("timeout notification queue for %s is full: dropped %d so far",
-                          target.key, target.dropped)
+                log.error(
+                    "timeout notification queue for %s is full: dropped %d so far", target.key, target.dropped
+                )
         q.append(data)
         self.queued += 1
         if not target.running:
@@ -309,11 +309,9 @@ class Notifier:
                     msg = _why(exc)
                     if not t.down:
                         t.down = True
-                        log.error("can't connect to timeout notification socket %s: %s",
-                                  t.key, msg)
+                        log.error("can't connect to timeout notification socket %s: %s", t.key, msg)
                     else:
-                        log.debug("can't connect to timeout notification socket %s: %s",
-                                  t.key, msg)
+                        log.debug("can't connect to timeout notification socket %s: %s", t.key, msg)
                     attempts += 1
                     if attempts > self.retries:
                         self._give_up(t)
@@ -328,8 +326,7 @@ class Notifier:
             try:
                 with trio.fail_after(self.write_timeout):
                     await t.stream.send_all(t.current)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    trio.TooSlowError) as exc:
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
                 t.failures += 1
                 log.error("failed to send timeout notification to %s: %s", t.key, _why(exc))
                 t.close_stream()
@@ -349,8 +346,11 @@ class Notifier:
         if data is not None:
             t.dropped += 1
             self.dropped += 1
-            log.error("unable to send timeout notification %r to %s, dropped",
-                      data.rstrip(b"\n")[:80].decode("utf-8", "replace"), t.key)
+            log.error(
+                "unable to send timeout notification %r to %s, dropped",
+                data.rstrip(b"\n")[:80].decode("utf-8", "replace"),
+                t.key,
+            )
 
     async def _watch_eof(self, t: _Target) -> None:
         """While idle: read (and discard) from the connection to notice EOF."""

@@ -131,9 +131,7 @@ def describe_exception(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(describe_exception(e) for e in exc.exceptions)
     text = str(exc)
-    if isinstance(exc, StartupError) or (
-        text and type(exc).__module__.startswith("pyrtpproxy")
-    ):
+    if isinstance(exc, StartupError) or (text and type(exc).__module__.startswith("pyrtpproxy")):
         return text  # our own errors already say what went wrong
     if isinstance(exc, OSError) and exc.strerror:
         text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
@@ -325,9 +323,7 @@ class Lifecycle:
             who = run_as.user or ""
             if run_as.group is not None:
                 who += f":{run_as.group}"
-            raise StartupError(
-                f"can't switch to requested user/group {who}: {exc.strerror}"
-            ) from None
+            raise StartupError(f"can't switch to requested user/group {who}: {exc.strerror}") from None
         if uid is not None and uid != 0:
             try:
                 os.setuid(0)

@@ -41,7 +41,9 @@ RCVBUF = 256 * 1024
 _EPOLLIN = select.EPOLLIN
 
 
-def bind_pair(family: int, addr: str | None, port: int, tos: int | None) -> tuple[socket.socket, socket.socket]:
+def bind_pair(
+    family: int, addr: str | None, port: int, tos: int | None
+) -> tuple[socket.socket, socket.socket]:
     """Bind RTP on ``port`` and RTCP on ``port + 1``; both or neither."""
     socks = []
     try:
@@ -327,7 +329,16 @@ class MediaEngine:
                         if dup_small and n < 128 and not st.is_rtcp:
                             peer.sock.sendto(mv[:n], dst)
                     except OSError as exc:
-                        if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED, errno.EPERM, errno.EINVAL, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EAFNOSUPPORT):
+                        if exc.errno not in (
+                            errno.EAGAIN,
+                            errno.ENOBUFS,
+                            errno.ECONNREFUSED,
+                            errno.EPERM,
+                            errno.EINVAL,
+                            errno.ENETUNREACH,
+                            errno.EHOSTUNREACH,
+                            errno.EAFNOSUPPORT,
+                        ):
                             self.errors += 1
                         st.ndropped += 1
                         continue

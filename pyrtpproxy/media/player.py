@@ -373,7 +373,12 @@ class Playback:
         pt, data = found
         fr = framing(pt, ptime)
         if fr is None:
-            log.info("can't play prompt %r: payload type %d is not supported", cmd.prompt, pt, extra={"callid": s.call_id})
+            log.info(
+                "can't play prompt %r: payload type %d is not supported",
+                cmd.prompt,
+                pt,
+                extra={"callid": s.call_id},
+            )
             raise RtppError(ECode.PLRFAIL)
         if s.deleted:  # went away (timeout) while the file was read
             raise RtppError(ECode.SESUNKN)
@@ -392,7 +397,11 @@ class Playback:
         self.dispatcher.counters.nplrs_created += 1
         log.info(
             "%d times playing prompt %s codec %d: SSRC=0x%08X, seq=%u",
-            cmd.count, cmd.prompt, pt, p.packets.ssrc, p.packets.seq,
+            cmd.count,
+            cmd.prompt,
+            pt,
+            p.packets.ssrc,
+            p.packets.seq,
             extra={"callid": s.call_id},
         )
         self._nursery.start_soon(self._run, p)
@@ -430,7 +439,11 @@ class Playback:
         st = p.stream
         counters = self.dispatcher.counters
         if st.remote is None or st.sock is None:
-            log.info("prompt %s waits until the party's address is known", p.name, extra={"callid": p.session.call_id})
+            log.info(
+                "prompt %s waits until the party's address is known",
+                p.name,
+                extra={"callid": p.session.call_id},
+            )
             while st.remote is None or st.sock is None:
                 await trio.sleep(WAIT_POLL)
         period = p.packets.fr.ms / 1000.0

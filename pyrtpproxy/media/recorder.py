@@ -488,7 +488,9 @@ class Recorder:
             self.open_errors += 1
             log.error("can't open file %s for writing: %s", label, exc)
             return None
-        ch = Channel(name=name, fd=fd, spool=spool, pcap=o.pcap, single=single, label=label, dir_fd=dfd, rdir_fd=rfd)
+        ch = Channel(
+            name=name, fd=fd, spool=spool, pcap=o.pcap, single=single, label=label, dir_fd=dfd, rdir_fd=rfd
+        )
         if o.pcap:
             ch.buf += recfmt.pcap_file_header()
         if not self.writer.running and not self._closed:

@@ -48,7 +48,20 @@ NCNT = 3  # int64 counters per stream: in, relayed, dropped
 MSG_MAX = 1 << 16
 
 # The state a worker hands back when a stream is localised.
-_STATE = ("remote", "latched", "untrusted", "asymmetric", "on_hold", "last_update", "ssrc", "seq", "nlatch", "active", "muted", "tos")
+_STATE = (
+    "remote",
+    "latched",
+    "untrusted",
+    "asymmetric",
+    "on_hold",
+    "last_update",
+    "ssrc",
+    "seq",
+    "nlatch",
+    "active",
+    "muted",
+    "tos",
+)
 
 
 class Counters:
@@ -205,7 +218,9 @@ class Worker:
                     continue
                 self._publish_stream(st)
                 states[sid] = {k: getattr(st, k) for k in _STATE}
-                states[sid].update(npkts_in=st.npkts_in, nrelayed=st.nrelayed, ndropped=st.ndropped, last_rx=st.last_rx)
+                states[sid].update(
+                    npkts_in=st.npkts_in, nrelayed=st.nrelayed, ndropped=st.ndropped, last_rx=st.last_rx
+                )
                 # stop serving it; the control plane keeps its own fd
                 self.engine.remove(st, final=False)
                 st.npkts_in = st.nrelayed = st.ndropped = 0
@@ -381,7 +396,22 @@ class ShardedEngine:
         peer = st.peer.sid if st.peer is not None else -1
         twin = st.session.rtp[st.index].sid if st.is_rtcp else st.rtcp_twin.sid
         state = {k: getattr(st, k) for k in _STATE}
-        w.send(("add", st.sid, st.slot, st.is_rtcp, st.index, st.session.call_id, peer, twin, st.family, st.port, state), (st.fd,))
+        w.send(
+            (
+                "add",
+                st.sid,
+                st.slot,
+                st.is_rtcp,
+                st.index,
+                st.session.call_id,
+                peer,
+                twin,
+                st.family,
+                st.port,
+                state,
+            ),
+            (st.fd,),
+        )
 
     def remove(self, st: Stream, *, final: bool = True) -> None:
         w = self._owner.get(st.sid)

@@ -76,9 +76,7 @@ class Capability:
     implemented: bool
 
 
-CAPS: tuple[Capability, ...] = tuple(
-    Capability(code, descr, code in IMPLEMENTED) for code, descr in _TABLE
-)
+CAPS: tuple[Capability, ...] = tuple(Capability(code, descr, code in IMPLEMENTED) for code, descr in _TABLE)
 
 _BY_CODE: dict[str, Capability] = {c.code: c for c in CAPS}
 

@@ -196,9 +196,7 @@ class ReplyCache:
         self._bytes += len(reply)
         self.expire(now)
         entries = self._entries
-        while len(entries) > self.max_entries or (
-            self._bytes > self.max_bytes and len(entries) > 1
-        ):
+        while len(entries) > self.max_entries or (self._bytes > self.max_bytes and len(entries) > 1):
             _, (_, r) = entries.popitem(last=False)
             self._bytes -= len(r)
 

@@ -339,9 +339,7 @@ def _numeric_host(text: bytes, family: int) -> str | None:
     return None if v6 is None else v6[1]
 
 
-def _resolve_remote(
-    addr: bytes, port: bytes, ipv6: bool
-) -> tuple[tuple[str, int] | None, bool]:
+def _resolve_remote(addr: bytes, port: bytes, ipv6: bool) -> tuple[tuple[str, int] | None, bool]:
     """The U/L address/port: (remote, on_hold).  Raises E37."""
     n = len(addr)
     if ipv6:
@@ -466,9 +464,7 @@ def _parse_ul_mods(mods: bytes, env: ParseEnv) -> ULMods:
 
     codecs: tuple[int, ...] | None = None
     if codecs_text is not None:
-        codecs = tuple(
-            _bounded_int(p, 10, 2**31 - 1) for p in codecs_text.split(b",") if p
-        )
+        codecs = tuple(_bounded_int(p, 10, 2**31 - 1) for p in codecs_text.split(b",") if p)
     return ULMods(
         asymmetric=asymmetric,
         weak=weak,
@@ -490,12 +486,7 @@ def _parse_ul_common(
     mods = _parse_ul_mods(mods_b, env)
     # No I/E and no L/R: the session goes on a bind address of the
     # family of the command's address, and there must be one.
-    if (
-        not mods.ifaces
-        and mods.local_addr is None
-        and mods.local_label is None
-        and mods.remote_addr is None
-    ):
+    if not mods.ifaces and mods.local_addr is None and mods.local_label is None and mods.remote_addr is None:
         if not (env.has_ipv6 if mods.ipv6 else env.has_ipv4):
             raise _err(_E.INVLARG_6)
     remote, on_hold = _resolve_remote(addr, port, mods.ipv6)
@@ -506,9 +497,7 @@ def _parse_ul_common(
 # sub-commands
 
 
-def _parse_sub(
-    args: list[bytes], main: str, has_to_tag: bool, env: ParseEnv
-) -> SubCommand:
+def _parse_sub(args: list[bytes], main: str, has_to_tag: bool, env: ParseEnv) -> SubCommand:
     word = args[0]
     kind = word[:1].lower()
     if kind == b"d":
@@ -540,9 +529,7 @@ def _parse_sub(
             _mods, remote, on_hold = _parse_ul_common(word[1:], args[1], args[2], env)
         except RtppError:
             raise _err(_E.PARSE_SUBC) from None
-        return SubLookup(
-            addr=_s(args[1]), port=_s(args[2]), remote=remote, on_hold=on_hold, mods=_mods
-        )
+        return SubLookup(addr=_s(args[1]), port=_s(args[2]), remote=remote, on_hold=on_hold, mods=_mods)
     # "&& C call from to" (20260309) and "&& M<mod>:<inst>" (modules) are
     # not provided; anything else is not a sub-command.
     raise _err(_E.PARSE_SUBC)
@@ -603,9 +590,7 @@ def _opt(args: list[bytes], idx: int) -> str | None:
     return _s(args[idx]) if len(args) > idx else None
 
 
-def _parse_query(
-    mods_b: bytes, args: list[bytes], subs: list[list[bytes]], env: ParseEnv
-) -> Query:
+def _parse_query(mods_b: bytes, args: list[bytes], subs: list[list[bytes]], env: ParseEnv) -> Query:
     subcommands = _parse_subs(subs, "Q", len(args) > 3, env)
     # rtpproxy checks these once the session is found (E50 first), so the
     # code travels with the command and the dispatcher raises it after the

@@ -67,9 +67,7 @@ class Stream:
 
 def tag_matches_prefix(session_tag: str, tag: str) -> bool:
     """D/R/N matching: ``tag`` or ``tag;N``."""
-    return session_tag == tag or (
-        session_tag.startswith(tag) and session_tag[len(tag)] == ";"
-    )
+    return session_tag == tag or (session_tag.startswith(tag) and session_tag[len(tag)] == ";")
 
 
 def _medianum(tag: str) -> str | None:

@@ -12,7 +12,14 @@ import attrs
 
 from ..protocol.counters import GLOBAL_COUNTERS, QUERY_COUNTERS, QUERY_DEFAULT, QUERY_MAX_NAMES
 
-__all__ = ["GLOBAL_COUNTERS", "QUERY_COUNTERS", "QUERY_DEFAULT", "QUERY_MAX_NAMES", "Counters", "format_value"]
+__all__ = [
+    "GLOBAL_COUNTERS",
+    "QUERY_COUNTERS",
+    "QUERY_DEFAULT",
+    "QUERY_MAX_NAMES",
+    "Counters",
+    "format_value",
+]
 
 
 def format_value(kind: str, value: float | int) -> str:

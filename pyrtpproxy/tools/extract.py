@@ -296,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if os.path.isfile(base):
             return extract(out, single=base, stereo=ns.stereo)
-        return extract(out, a_path=base + ".a.rtp", b_path=base + ".o.rtp", stereo=ns.stereo, errfail=ns.errfail)
+        return extract(
+            out, a_path=base + ".a.rtp", b_path=base + ".o.rtp", stereo=ns.stereo, errfail=ns.errfail
+        )
     except (OSError, recfmt.FormatError) as exc:
         print(f"pyrtpproxy-extract: {exc}", file=sys.stderr)
         return 1

@@ -54,7 +54,9 @@ def _to_int16(frames: bytes, width: int, channels: int) -> bytes:
         n = len(frames) // width
         mv = memoryview(frames)
         shift = 8 * (width - 2)
-        vals = [int.from_bytes(mv[i * width : (i + 1) * width], "little", signed=True) >> shift for i in range(n)]
+        vals = [
+            int.from_bytes(mv[i * width : (i + 1) * width], "little", signed=True) >> shift for i in range(n)
+        ]
     else:
         raise MakeannError(f"unsupported WAV sample width: {width} bytes")
     if channels > 1:
@@ -117,8 +119,14 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def make_prompts(infile: str, template: str | None = None, *, limit: int | None = None,
-                 loop: bool = False, raw: bool = False) -> list[str]:
+def make_prompts(
+    infile: str,
+    template: str | None = None,
+    *,
+    limit: int | None = None,
+    loop: bool = False,
+    raw: bool = False,
+) -> list[str]:
     """Read ``infile``, write ``<template>.0`` and ``<template>.8``; return their paths."""
     try:
         with open(infile, "rb") as f:

@@ -411,7 +411,9 @@ def test_sched_and_misc():
 # ---------------------------------------------------------------- root check
 
 
-@pytest.mark.parametrize("sock", ["udp:127.0.0.1:22222", "udp6:::1:22222", "tcp:127.0.0.1:22222", "tcp6:::1:22222"])
+@pytest.mark.parametrize(
+    "sock", ["udp:127.0.0.1:22222", "udp6:::1:22222", "tcp:127.0.0.1:22222", "tcp6:::1:22222"]
+)
 def test_root_with_remote_socket_refused(capsys, monkeypatch, sock):
     monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
     err = fails(capsys, "-f", "-s", "unix:/tmp/x.sock", "-s", sock)

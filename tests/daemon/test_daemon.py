@@ -114,9 +114,7 @@ class Daemons:
         """Run the launcher to completion; returns (returncode, stdout, stderr)."""
         cmd = [PY, "-m", "pyrtpproxy", *args]
         if capture:
-            p = subprocess.run(
-                cmd, cwd=cwd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
-            )
+            p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
             out, err = p.stdout, p.stderr
             rc = p.returncode
         else:
@@ -327,7 +325,9 @@ def start_foreground(tmp: Path, port: int, *extra: str) -> subprocess.Popen:
         "-s", f"unix:{tmp / 'fg.sock'}",
         *media_range(), "-d", "INFO", *extra,
     ]  # fmt: skip
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_ready_foreground(p: subprocess.Popen, tmp: Path, port: int) -> None:
@@ -588,9 +588,13 @@ def test_syslog_lines_shaped_like_rtpproxy(tmp_path):
         srv.settimeout(REPLY_TIMEOUT)
         h = logsetup.make_syslog_handler("LOG_LOCAL5", path)
         try:
-            rec = logging.LogRecord("pyrtpproxy", logging.INFO, "app.py", 42, "rtpproxy started, pid %d", (7,), None, func="run")
+            rec = logging.LogRecord(
+                "pyrtpproxy", logging.INFO, "app.py", 42, "rtpproxy started, pid %d", (7,), None, func="run"
+            )
             h.handle(rec)
-            rec2 = logging.LogRecord("pyrtpproxy", logging.WARNING, "s.py", 9, "latched", (), None, func="latch")
+            rec2 = logging.LogRecord(
+                "pyrtpproxy", logging.WARNING, "s.py", 9, "latched", (), None, func="latch"
+            )
             rec2.callid = "abc@host"
             h.handle(rec2)
             first, second = srv.recv(4096).decode(), srv.recv(4096).decode()

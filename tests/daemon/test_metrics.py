@@ -59,8 +59,9 @@ async def http_get(addr, target: str, method: str = "GET", raw: bytes | None = N
     with trio.fail_after(10):
         stream = await trio.open_tcp_stream(addr[0], addr[1])
         async with stream:
-            await stream.send_all(raw if raw is not None else
-                                  f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await stream.send_all(
+                raw if raw is not None else f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
             data = b""
             while True:
                 chunk = await stream.receive_some(65536)
@@ -90,8 +91,15 @@ def test_parse_metrics_url():
     assert parse_metrics_url("tcp:127.0.0.1:9901") == (socket.AF_INET, "127.0.0.1", 9901)
     assert parse_metrics_url("tcp:*:9901") == (socket.AF_INET, None, 9901)
     assert parse_metrics_url("tcp6:::1:9901") == (socket.AF_INET6, "::1", 9901)
-    for bad in ("udp:127.0.0.1:9901", "unix:/x", "tcp:127.0.0.1", "tcp:127.0.0.1:99999",
-                "127.0.0.1:9901", "tcp:", "stdio:"):
+    for bad in (
+        "udp:127.0.0.1:9901",
+        "unix:/x",
+        "tcp:127.0.0.1",
+        "tcp:127.0.0.1:99999",
+        "127.0.0.1:9901",
+        "tcp:",
+        "stdio:",
+    ):
         with pytest.raises(MetricsError):
             parse_metrics_url(bad)
 

@@ -253,8 +253,9 @@ async def test_reconnects_when_the_listener_closed_the_connection(nursery, autoj
 
 async def test_listener_coming_up_late_gets_the_retried_tag(nursery, autojump_clock, tmp_path):
     path = tmp_path / "late.sock"
-    relay, n = await start(nursery, [f"unix:{path}"], clock=trio.current_time, ttl=5, setup_ttl=5,
-                           nkw={"backoff_min": 1.0})
+    relay, n = await start(
+        nursery, [f"unix:{path}"], clock=trio.current_time, ttl=5, setup_ttl=5, nkw={"backoff_min": 1.0}
+    )
     await relay.cmd(f"U l1 127.0.0.1 30000 f unix:{path} late")
     with trio.fail_after(60):
         await n.wait_for(lambda: n.targets and next(iter(n.targets.values())).failures >= 1)
@@ -306,8 +307,13 @@ async def test_slow_listener_does_not_slow_commands(nursery, tmp_path):
             held.append(conn)  # never read
 
     nursery.start_soon(accept_and_hold)
-    relay, n = await start(nursery, [f"unix:{path}"], ttl=1, setup_ttl=1,
-                           nkw={"queue_max": 20, "write_timeout": 0.5, "backoff_min": 0.05})
+    relay, n = await start(
+        nursery,
+        [f"unix:{path}"],
+        ttl=1,
+        setup_ttl=1,
+        nkw={"queue_max": 20, "write_timeout": 0.5, "backoff_min": 0.05},
+    )
     tag = "x" * 4000
     with trio.fail_after(30):
         for i in range(150):
@@ -330,8 +336,9 @@ async def test_refused_target_does_not_slow_commands(nursery):
     port = s.getsockname()[1]
     s.close()  # nothing listens there
     target = f"tcp:127.0.0.1:{port}"
-    relay, n = await start(nursery, [target], ttl=1, setup_ttl=1,
-                           nkw={"queue_max": 5, "backoff_min": 0.01, "backoff_max": 0.05})
+    relay, n = await start(
+        nursery, [target], ttl=1, setup_ttl=1, nkw={"queue_max": 5, "backoff_min": 0.01, "backoff_max": 0.05}
+    )
     with trio.fail_after(30):
         for i in range(30):
             await relay.cmd(f"U r{i} 127.0.0.1 30000 f t {target} T{i}")

@@ -141,12 +141,33 @@ def test_socket_activated_notify_service(tmp_path):
     mport = free_tcp_port()
     base = 46000 + os.getpid() % 50 * 40
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"), PYTHONPATH=str(ROOT))
-    args = ["-f", "-F", "-s", "systemd:", "-p", "/dev/null", "-d", "INFO",
-            "-l", "127.0.0.1", "-m", str(base), "-M", str(base + 39),
-            "-n", f"unix:{tmp_path}/timeouts.sock", "--metrics", f"tcp:127.0.0.1:{mport}"]
-    proc = subprocess.Popen([PY, "-c", LAUNCH, str(lsock.fileno()), *args], env=env,
-                            pass_fds=(lsock.fileno(),), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    args = [
+        "-f",
+        "-F",
+        "-s",
+        "systemd:",
+        "-p",
+        "/dev/null",
+        "-d",
+        "INFO",
+        "-l",
+        "127.0.0.1",
+        "-m",
+        str(base),
+        "-M",
+        str(base + 39),
+        "-n",
+        f"unix:{tmp_path}/timeouts.sock",
+        "--metrics",
+        f"tcp:127.0.0.1:{mport}",
+    ]
+    proc = subprocess.Popen(
+        [PY, "-c", LAUNCH, str(lsock.fileno()), *args],
+        env=env,
+        pass_fds=(lsock.fileno(),),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     lsock.close()  # the child holds it now
     try:
         ready = fields(rx.recv(4096))

@@ -148,7 +148,9 @@ def test_pcap_reader_round_trip(items):
         data += R.pcap_record((h1, p1), (h2, p2), T0 + i, payload, i)
     rec = R.read_recording(bytes(data))
     assert rec.format == "pcap" and not rec.truncated and rec.linktype == 1
-    assert [(p.src, p.dst, p.data) for p in rec.packets] == [((a, p1), (b, p2), pl) for (a, b), p1, p2, pl in items]
+    assert [(p.src, p.dst, p.data) for p in rec.packets] == [
+        ((a, p1), (b, p2), pl) for (a, b), p1, p2, pl in items
+    ]
     assert all(p.checksums_ok for p in rec.packets)
     # dpkt reads it too
     n = sum(1 for _ in dpkt.pcap.Reader(__import__("io").BytesIO(bytes(data))))
@@ -171,13 +173,36 @@ def test_tshark_accepts_checksums(tmp_path):
     with open(path, "wb") as f:
         f.write(R.pcap_file_header())
         for i in range(5):
-            f.write(R.pcap_record(("127.0.0.1", 38100), ("127.0.0.1", 21172), T0 + i / 50, rtp(160 - i, i), i))
+            f.write(
+                R.pcap_record(("127.0.0.1", 38100), ("127.0.0.1", 21172), T0 + i / 50, rtp(160 - i, i), i)
+            )
         f.write(R.pcap_record(("::1", 38100, 0, 0), ("::1", 21172, 0, 0), T0 + 1, rtp(161), 5))
     out = subprocess.run(
-        ["tshark", "-r", str(path), "-o", "ip.check_checksum:TRUE", "-o", "udp.check_checksum:TRUE",
-         "-T", "fields", "-E", "separator=,", "-e", "ip.id", "-e", "ip.checksum.status",
-         "-e", "udp.checksum.status", "-e", "udp.length"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "tshark",
+            "-r",
+            str(path),
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-o",
+            "udp.check_checksum:TRUE",
+            "-T",
+            "fields",
+            "-E",
+            "separator=,",
+            "-e",
+            "ip.id",
+            "-e",
+            "ip.checksum.status",
+            "-e",
+            "udp.checksum.status",
+            "-e",
+            "udp.length",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.split()
     assert out[:5] == [f"0x{i:04x},1,1,{180 - i}" for i in range(5)]
     assert out[5] == ",,1,181"

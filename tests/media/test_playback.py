@@ -45,8 +45,9 @@ def make_prompt(dirpath, base, pt, npackets, tail=0):
 
 def parse(pkt: bytes):
     b0, b1, seq, ts, ssrc = struct.unpack("!BBHII", pkt[:12])
-    return types.SimpleNamespace(v=b0 >> 6, cc=b0 & 0xF, m=b1 >> 7, pt=b1 & 0x7F, seq=seq, ts=ts, ssrc=ssrc,
-                                 payload=pkt[12:])
+    return types.SimpleNamespace(
+        v=b0 >> 6, cc=b0 & 0xF, m=b1 >> 7, pt=b1 & 0x7F, seq=seq, ts=ts, ssrc=ssrc, payload=pkt[12:]
+    )
 
 
 async def collect(peer: Peer, n: int, timeout=10.0):
@@ -79,9 +80,11 @@ def pacing(pkts, ms):
     mean = (times[-1] - t0) * 1000 / (len(times) - 1)
     offs = [(t - t0) * 1000 - k * ms for k, t in enumerate(times)]
     dev = [abs(i - ms) for i in ivals]
-    print(f"\npacing ptime={ms}ms n={len(pkts)}: mean interval {mean:.3f} ms, "
-          f"interval |dev| mean {statistics.fmean(dev):.3f} max {max(dev):.3f} ms, "
-          f"schedule offset min {min(offs):.3f} max {max(offs):.3f} ms")
+    print(
+        f"\npacing ptime={ms}ms n={len(pkts)}: mean interval {mean:.3f} ms, "
+        f"interval |dev| mean {statistics.fmean(dev):.3f} max {max(dev):.3f} ms, "
+        f"schedule offset min {min(offs):.3f} max {max(offs):.3f} ms"
+    )
     return mean
 
 
@@ -105,7 +108,7 @@ async def test_play_each_codec_to_each_party(nursery, tmp_path, pt, party):
     chunk, ms = FRAMING[pt]
     n = max(8, 240 // ms)
     base, data = make_prompt(tmp_path, "ann", pt, n, tail=chunk // 2)  # the short tail is not sent
-    chunks = [data[i * chunk:(i + 1) * chunk] for i in range(n)]
+    chunks = [data[i * chunk : (i + 1) * chunk] for i in range(n)]
     if party == "caller":
         dest, src_port, tags = a, p_for_a, "fA;1 tB;1"
     else:
@@ -124,7 +127,7 @@ async def test_count_three_loops_the_file(nursery, tmp_path):
     a, b = await Peer().bind(), await Peer().bind()
     await call(relay, a, b)
     base, data = make_prompt(tmp_path, "three", 0, 6, tail=40)
-    chunks = [data[i * 80:(i + 1) * 80] for i in range(6)]
+    chunks = [data[i * 80 : (i + 1) * 80] for i in range(6)]
     assert await relay.cmd(f"P3 call {base} 0 fA;1 tB;1") == "0"
     pkts = await collect(a, 18)
     check_stream(pkts, 0, 10, chunks)  # seq/ts continue across the loops, one marker
@@ -138,7 +141,7 @@ async def test_loop_forever_until_s(nursery, tmp_path):
     a, b = await Peer().bind(), await Peer().bind()
     await call(relay, a, b)
     base, data = make_prompt(tmp_path, "moh", 8, 4)
-    chunks = [data[i * 80:(i + 1) * 80] for i in range(4)]
+    chunks = [data[i * 80 : (i + 1) * 80] for i in range(4)]
     assert await relay.cmd(f"P-1 call {base} 8 tB;1 fA;1") == "0"
     pkts = await collect(b, 30)
     check_stream(pkts, 8, 10, chunks)
@@ -249,7 +252,7 @@ async def test_waits_for_the_party_address(nursery, tmp_path):
     await b.expect_nothing(relay, timeout=0.1)
     assert port_of(await relay.cmd(f"L w 127.0.0.1 {b.port} fA;1 tB;1"))
     pkts = await collect(b, 10)
-    check_stream(pkts, 0, 10, [data[i * 80:(i + 1) * 80] for i in range(10)])
+    check_stream(pkts, 0, 10, [data[i * 80 : (i + 1) * 80] for i in range(10)])
     assert pkts[0][1] == ("127.0.0.1", p_for_b)
 
 
@@ -353,7 +356,7 @@ async def test_ipv6_party(nursery, tmp_path):
     base, data = make_prompt(tmp_path, "six", 0, 5)
     assert await relay.cmd(f"P v6 {base} 0 fA;1 tB;1") == "0"
     pkts = await collect(a, 5)
-    check_stream(pkts, 0, 10, [data[i * 80:(i + 1) * 80] for i in range(5)])
+    check_stream(pkts, 0, 10, [data[i * 80 : (i + 1) * 80] for i in range(5)])
     assert pkts[0][1][1] == p_for_a
 
 

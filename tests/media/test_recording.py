@@ -130,10 +130,16 @@ async def test_record_both_directions_adhoc_with_spool(nursery, tmp_path):
     times = [p.time for p in o.packets + a.packets]
     assert t0 <= min(times) and max(times) <= t1 and times == sorted(times)
     assert os.path.getsize(rd / "call=fA.o.rtp") == 20 * (30 + 172)
-    assert [(p.src, p.data) for p in read(rd / "call=fA.o.rtcp").packets] == [(("127.0.0.1", ra.port), rtcp_packet(0xA1))]
-    assert [(p.src, p.data) for p in read(rd / "call=fA.a.rtcp").packets] == [(("127.0.0.1", rb.port), rtcp_packet(0xB2))]
+    assert [(p.src, p.data) for p in read(rd / "call=fA.o.rtcp").packets] == [
+        (("127.0.0.1", ra.port), rtcp_packet(0xA1))
+    ]
+    assert [(p.src, p.data) for p in read(rd / "call=fA.a.rtcp").packets] == [
+        (("127.0.0.1", rb.port), rtcp_packet(0xB2))
+    ]
     st = rec.statistics()
-    assert st.files_open == 0 and st.files_closed == 4 and st.pkts_written == 42 and st.pkts_dropped_queue == 0
+    assert (
+        st.files_open == 0 and st.files_closed == 4 and st.pkts_written == 42 and st.pkts_dropped_queue == 0
+    )
 
 
 async def test_one_recorder_per_direction_and_record_matching(nursery, tmp_path):
@@ -247,11 +253,37 @@ async def test_record_pcap_separate_files_and_tshark(nursery, tmp_path):
             pytest.skip("tshark is not installed")
         pytest.fail("tshark is not installed (make test installs it)")
     out = subprocess.run(
-        ["tshark", "-r", str(rd / "call=fA.o.rtp"), "-o", "ip.check_checksum:TRUE",
-         "-o", "udp.check_checksum:TRUE", "-T", "fields", "-E", "separator=,",
-         "-e", "ip.src", "-e", "udp.srcport", "-e", "ip.dst", "-e", "udp.dstport",
-         "-e", "ip.checksum.status", "-e", "udp.checksum.status", "-e", "udp.length"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            "tshark",
+            "-r",
+            str(rd / "call=fA.o.rtp"),
+            "-o",
+            "ip.check_checksum:TRUE",
+            "-o",
+            "udp.check_checksum:TRUE",
+            "-T",
+            "fields",
+            "-E",
+            "separator=,",
+            "-e",
+            "ip.src",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "ip.dst",
+            "-e",
+            "udp.dstport",
+            "-e",
+            "ip.checksum.status",
+            "-e",
+            "udp.checksum.status",
+            "-e",
+            "udp.length",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout.split()
     assert out == [f"127.0.0.1,{c.a.port},127.0.0.1,{c.p_for_a},1,1,180"] * 5
 
@@ -411,7 +443,10 @@ async def test_hostile_call_ids_stay_inside_the_recording_dir(nursery, tmp_path)
     # bytes that are not UTF-8, a NUL is refused by the parser (E5)
     s = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     await s.bind(("127.0.0.1", 0))
-    for raw, want in ((b"k1 U \xff/../\xfe 127.0.0.1 5000 ../f\n", None), (b"k2 U x\x00y 127.0.0.1 5000 f\n", b"k2 E5")):
+    for raw, want in (
+        (b"k1 U \xff/../\xfe 127.0.0.1 5000 ../f\n", None),
+        (b"k2 U x\x00y 127.0.0.1 5000 f\n", b"k2 E5"),
+    ):
         await s.sendto(raw, relay.addr)
         with trio.fail_after(5):
             reply = await s.recv(1000)
@@ -481,7 +516,9 @@ async def test_rotated_recording_dir_and_quick_restart(nursery, tmp_path):
 
 # ---- life cycle: timeout, disk errors, bounded queue ---------------------------------------------
 async def test_timeout_closes_and_moves_files(nursery, tmp_path, autojump_clock):
-    relay, rec, rd, sd = await start(nursery, tmp_path, spool=True, clock=trio.current_time, ttl=20, setup_ttl=10)
+    relay, rec, rd, sd = await start(
+        nursery, tmp_path, spool=True, clock=trio.current_time, ttl=20, setup_ttl=10
+    )
     await Call(relay, "to").setup()
     assert await relay.cmd("R to fA tB") == "0"
     assert len(files(sd)) == 2
@@ -627,8 +664,29 @@ def test_signal_leaves_complete_files(tmp_path, sig):
     sd.mkdir()
     port = _free_udp_port()
     ctl = ("127.0.0.1", port)
-    argv = [sys.executable, "-m", "pyrtpproxy", "-f", "-F", "-s", f"udp:127.0.0.1:{port}", "-l", "127.0.0.1",
-            "-m", "46000", "-M", "46999", "-p", str(tmp_path / "pid"), "-r", str(rd), "-S", str(sd), "-d", "INFO"]
+    argv = [
+        sys.executable,
+        "-m",
+        "pyrtpproxy",
+        "-f",
+        "-F",
+        "-s",
+        f"udp:127.0.0.1:{port}",
+        "-l",
+        "127.0.0.1",
+        "-m",
+        "46000",
+        "-M",
+        "46999",
+        "-p",
+        str(tmp_path / "pid"),
+        "-r",
+        str(rd),
+        "-S",
+        str(sd),
+        "-d",
+        "INFO",
+    ]
     log = open(tmp_path / "log", "wb")
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -205,7 +205,9 @@ def test_command_line_entry_point(tmp_path):
     write_adhoc(tmp_path / "c.o.rtp", packets(8, 1, tone(300, 480), T0))
     r = subprocess.run(
         [sys.executable, "-m", "pyrtpproxy.tools.extract", str(tmp_path / "c"), str(tmp_path / "c.wav")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     assert "samples decoded" in r.stderr

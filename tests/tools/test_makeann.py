@@ -148,6 +148,8 @@ def test_write_failure_leaves_nothing(tmp_path, capsys):
 def test_module_entry_point(tmp_path):
     raw = tmp_path / "m"
     raw.write_bytes(pcm(tone(80)))
-    r = subprocess.run([sys.executable, "-m", "pyrtpproxy.tools.makeann", str(raw)], capture_output=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "pyrtpproxy.tools.makeann", str(raw)], capture_output=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "m.0").stat().st_size == 80
