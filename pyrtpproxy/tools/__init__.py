@@ -1,1 +1,1 @@
-
+"""Operator commands beside the relay: pyrtpproxy-extract and pyrtpproxy-makeann."""
