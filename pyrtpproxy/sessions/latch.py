@@ -16,8 +16,9 @@ Rules (rtpproxy's):
   behind NAT is learned) and latch;
 * another source while latched: drop, unless it is RTP with the latched SSRC
   and a sequence number within SEQ_WINDOW of the last one seen, or it comes
-  within UPDATE_WINDOW seconds of the last U/L that updated the stream; then
-  re-latch to it.
+  within UPDATE_WINDOW seconds of the last U/L that refilled the stream (a
+  U/L for a stream that already had an address; a stream's first U/L opens
+  no window); then re-latch to it.
 """
 
 from __future__ import annotations
@@ -109,12 +110,17 @@ def prefill(st: Any, remote: tuple | None, now: float) -> None:
     """A U/L gave this stream's party address (``None``: on hold).
 
     The address is stored unless the stream already learned one from real
-    packets (an RTCP address that was only guessed is re-prefilled).  Either
-    way the update window opens, so the party may re-latch.
+    packets (an RTCP address that was only guessed is re-prefilled).
+
+    The update window (re-latch to any RTP source for UPDATE_WINDOW seconds)
+    opens only when a U/L *refills* a stream that already has an address, as
+    in rtpproxy (``rtpp_stream_prefill_addr``): never on the first U/L of a
+    stream, and never on hold (rtpproxy does not prefill a null address).
     """
-    st.last_update = now
     if remote is None:
         return
+    if st.remote is not None:
+        st.last_update = now
     if st.untrusted and not st.asymmetric:
         return
     if st.remote != remote:

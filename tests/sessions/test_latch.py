@@ -108,3 +108,28 @@ def test_rtcp_never_relatches_by_ssrc():
     p = rtp()
     latch.accept(st, NAT, p, len(p), 100.0)
     assert latch.accept(st, ("127.0.0.1", 1), p, len(p), 200.0) == latch.DROP
+
+
+def test_first_prefill_opens_no_update_window():
+    # rtpproxy opens the window only when a U/L refills a stream that
+    # already has an address: a fresh call is not open to strangers.
+    st = stream()
+    latch.prefill(st, A, 100.0)
+    p = rtp()
+    assert latch.accept(st, A, p, len(p), 100.5) == latch.ACCEPT
+    q = rtp(ssrc=0xEEEE, seq=7)
+    assert latch.accept(st, EVIL, q, len(q), 101.0) == latch.DROP
+    assert st.remote == A
+
+
+def test_refill_opens_update_window_hold_does_not():
+    st = stream()
+    latch.prefill(st, A, 100.0)
+    p = rtp()
+    latch.accept(st, A, p, len(p), 100.5)
+    latch.prefill(st, None, 150.0)  # hold: no window
+    q = rtp(ssrc=0xEEEE, seq=7)
+    assert latch.accept(st, EVIL, q, len(q), 151.0) == latch.DROP
+    latch.prefill(st, A, 160.0)  # re-INVITE refill: window
+    assert latch.accept(st, NAT, q, len(q), 161.0) == latch.ACCEPT
+    assert st.remote == NAT
