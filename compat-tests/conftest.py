@@ -329,6 +329,18 @@ class Stack:
         self._wait(self.relay, self.relay_log, "the relay", probe)
 
     def start_kamailio(self, exe: str, mods: str) -> None:
+        # The SIP port is picked free, then bound by Kamailio a moment later:
+        # another process's port-0 bind can take it in between. Pick again.
+        for attempt in range(3):
+            try:
+                self._start_kamailio(exe, mods)
+                return
+            except RuntimeError:
+                if attempt == 2 or "Address already in use" not in log_tail(self.kamailio_log):
+                    raise
+                self.sip_addr = (LOOPBACK, free_port())
+
+    def _start_kamailio(self, exe: str, mods: str) -> None:
         argv = [
             exe,
             "-DD",
