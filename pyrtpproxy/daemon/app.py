@@ -63,6 +63,7 @@ class Server:
         # sd_notify (issue 5): called with "ready" (serving, pid written),
         # "draining" (SIGHUP) and "stopping" (shutdown); see announce().
         self.on_state: list[Callable[[str], None]] = []
+        self.kernel: Any = None  # media.kernel.KernelPath with --kernel
 
     # ---- lifecycle ------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -272,6 +273,9 @@ def run(cfg: Any) -> int:
         if workers and cfg.record_all:
             log.warning("-a records every session in this process: --workers ignored")
             workers = 0
+        if workers and getattr(cfg, "kernel", None):
+            log.warning("--kernel relays through the in-process engine: --workers ignored")
+            workers = 0
         server = Server(settings, bound, dup_small=cfg.dup_small, workers=workers)
         holder["server"] = server
         attach_extensions(server, cfg)
@@ -339,6 +343,41 @@ def attach_extensions(server: Server, cfg: Any) -> None:
 
     attach_player(server, cfg)
     attach_recorder(server, cfg)
+    attach_kernel(server, cfg)
+
+
+def attach_kernel(server: Server, cfg: Any) -> None:
+    """--kernel: the kernel fast path (media/kernel.py), or why not.
+
+    ``--kernel`` without the means (root/CAP_NET_ADMIN, nf_tables,
+    libnftables, IP forwarding) stops the start with the reason;
+    ``--kernel=auto`` logs it once and relays in userspace.
+    """
+    import functools
+
+    from ..media import kernel as kmod
+    from .process import StartupError
+
+    mode = getattr(cfg, "kernel", None)
+    if not mode:
+        return
+    try:
+        kmod.check_environment(cfg.run_as)
+        if not isinstance(server.engine, MediaEngine):
+            raise kmod.KernelError("media worker processes (--workers) relay in userspace")
+        nft = kmod.probe()
+    except kmod.KernelError as exc:
+        if mode == "auto":
+            log.warning("--kernel=auto: relaying in userspace: %s", exc)
+            return
+        raise StartupError(f"--kernel: {exc}") from None
+    kp = kmod.KernelPath(nft, server.engine, dup_small=bool(getattr(cfg, "dup_small", False)))
+    server.dispatcher.kernel = kp
+    server.engine.on_latch = kp.on_latch
+    server.services.append(functools.partial(kp.run, lambda: server.dispatcher.table))
+    server.closers.append(kp.stop)
+    server.kernel = kp
+    log.info("kernel fast path on: nftables table inet %s", kp.table)
 
 
 async def _main(server: Server, proc: Any = None, gate: Any = None) -> int:

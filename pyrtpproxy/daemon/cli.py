@@ -58,8 +58,9 @@ LONG_OPTS = [
     "prompt-dir=",
     "metrics=",
     "workers=",
+    "kernel",
 ]
-_OPTIONAL_ARG_LONG = frozenset({"overload_prot"})
+_OPTIONAL_ARG_LONG = frozenset({"overload_prot", "kernel"})
 MONOTONIC_CLOCK_NAME = "CLOCK_MONOTONIC"  # what time.monotonic() reads on Linux
 PRIO_MIN, PRIO_MAX = -20, 20
 
@@ -73,6 +74,7 @@ usage: {PROG} [-2abDfFiPRv] [-l addr|in/out|label@addr[=adv]]...
          [--force_asymmetric] [--bridge_symmetric] [--no_resolve]
          [--no_redirect] [--nice n] [--overload_prot] [--config file]
          [--dso module] [--prompt-dir dir] [--metrics url] [--workers n]
+         [--kernel[=auto]]
        {PROG} -V | -v | -C
 """
 
@@ -109,6 +111,17 @@ def _long_name(token: str) -> str | None:
         return name
     matches = [n for n in names if n.startswith(name)]
     return matches[0] if len(matches) == 1 else None
+
+
+def _kernel_arg(args: Sequence[str]) -> str | None:
+    """The ``=value`` of the last ``--kernel=value`` (getopt cannot see it)."""
+    val = None
+    for tok in args:
+        if tok == "--":
+            break
+        if tok.startswith("--") and "=" in tok and _long_name(tok) == "kernel":
+            val = tok.partition("=")[2]
+    return val
 
 
 def _drop_optional_long_args(args: Sequence[str]) -> list[str]:
@@ -240,6 +253,7 @@ def build_config(argv: Sequence[str]) -> Config:
     Raises UsageError, ConfigError or EarlyExit.  May print the root-user
     warning on stderr, as rtpproxy does while parsing.
     """
+    kernel_arg = _kernel_arg(argv)
     try:
         opts, rest = getopt.gnu_getopt(_drop_optional_long_args(argv), SHORT_OPTS, LONG_OPTS)
     except getopt.GetoptError as exc:
@@ -381,6 +395,10 @@ def build_config(argv: Sequence[str]) -> Config:
                 if n < 0 or n > 256:
                     raise ConfigError(f"--workers {arg}: argument is invalid")
                 kw["workers"] = n if n > 0 else (os.cpu_count() or 1)
+            case "--kernel":
+                if kernel_arg not in (None, "auto"):
+                    raise ConfigError(f"--kernel={kernel_arg}: argument is invalid (only --kernel=auto)")
+                kw["kernel"] = kernel_arg or "on"
             case _:  # pragma: no cover - getopt only returns declared options
                 raise UsageError(f"invalid option -- '{opt.lstrip('-')}'")
 

@@ -144,6 +144,7 @@ class Config:
     prompt_dir: str | None = None  # --prompt-dir
     metrics: str | None = None  # --metrics
     workers: int = 0  # --workers: media worker processes (0: relay in-process)
+    kernel: str | None = None  # --kernel: "on" or "auto" (kernel fast path)
 
     @property
     def internal(self) -> BindAddr:

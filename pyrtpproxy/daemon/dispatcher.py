@@ -118,6 +118,8 @@ class Dispatcher:
         # Hooks the recording/playback issues fill in.
         self.recording = None
         self.playback = None
+        # --kernel: media.kernel.KernelPath (None: everything in userspace).
+        self.kernel: Any = None
 
     # ---- transport interface ---------------------------------------------
     def note_received(self) -> None:
@@ -369,6 +371,9 @@ class Dispatcher:
         s.reset_ttl(now, sett.ttl if s.complete else sett.setup_ttl)
         self.table.schedule(s)
         self.on_schedule()
+        if self.kernel is not None:
+            # after the queued prefill: the decision sees the new addresses
+            self.engine.call(self.kernel.touch, s)
         reply = self._reply_addr(rtp)
         if cmd.subcommands:
             reply = self._subcommands(reply, cmd, s, pidx, now, peer_host)
@@ -461,6 +466,8 @@ class Dispatcher:
             return
         self.engine.sync(s)
         self.table.remove(s)
+        if self.kernel is not None:
+            self.kernel.touch(s)  # deleted: every rule of it goes
         if self.playback is not None:
             self.playback.session_gone(s)
         if self.recording is not None:
@@ -573,9 +580,14 @@ class Dispatcher:
         if self.recording is None:
             # Without -r the recorder cannot be created: rtpproxy answers E50.
             raise RtppError(ECode.SESUNKN)
-        for s, _ in matches:
-            await self.engine.localize(s)
-        return await self.recording.record(cmd, matches, now)
+        held = [s for s, _ in matches]
+        try:
+            for s in held:
+                await self._to_userspace(s)
+                await self.engine.localize(s)
+            return await self.recording.record(cmd, matches, now)
+        finally:
+            await self._kernel_release(held)
 
     async def copy(self, cmd: C.Copy, now: float) -> str:
         found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
@@ -583,14 +595,21 @@ class Dispatcher:
             raise RtppError(ECode.SESUNKN)
         if self.recording is None:
             raise RtppError(ECode.CPYFAIL)
-        await self.engine.localize(found[0])
-        return await self.recording.copy(cmd, found, now)
+        try:
+            await self._to_userspace(found[0])
+            await self.engine.localize(found[0])
+            return await self.recording.copy(cmd, found, now)
+        finally:
+            await self._kernel_release([found[0]])
 
     async def norecord(self, cmd: C.NoRecord, now: float) -> str:
         matches = self.table.find_prefix(cmd.call_id, cmd.from_tag, cmd.to_tag)
         if self.recording is None or not matches:
             raise RtppError(ECode.SESUNKN)
-        return await self.recording.norecord(cmd, matches, now)
+        try:
+            return await self.recording.norecord(cmd, matches, now)
+        finally:
+            await self._kernel_release([s for s, _ in matches], held=False)
 
     async def play(self, cmd: C.Play, now: float) -> str:
         found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
@@ -599,8 +618,12 @@ class Dispatcher:
         s, idx = found
         pidx = 1 - idx
         if self.playback is not None:
-            await self.engine.localize(s)
-            return await self.playback.play(cmd, s, pidx, now)
+            try:
+                await self._to_userspace(s)
+                await self.engine.localize(s)
+                return await self.playback.play(cmd, s, pidx, now)
+            finally:
+                await self._kernel_release([s])
         if cmd.count == 0:
             return "0"
         if cmd.codecs == "session" and s.codecs[pidx] is None:
@@ -614,7 +637,25 @@ class Dispatcher:
         s, idx = found
         if self.playback is not None:
             self.playback.stop(s, 1 - idx)
+        await self._kernel_release([s], held=False)
         return "0"
+
+    # ---- the kernel path (--kernel) --------------------------------------------------
+    async def _to_userspace(self, s: Session) -> None:
+        """R, C, P need the packets: take the session out of the kernel first."""
+        if self.kernel is not None:
+            await self.kernel.evict(s)
+
+    async def _kernel_release(self, sessions: list, held: bool = True) -> None:
+        """After R, C, P (held) or N, S: the kernel may take the session again."""
+        if self.kernel is None:
+            return
+        await self.engine.barrier()  # the command's hooks (rec, mute) are in force
+        for s in sessions:
+            if held:
+                self.kernel.release(s)
+            else:
+                self.engine.call(self.kernel.touch, s)
 
     # ---- shutdown -----------------------------------------------------------------
     def close_all(self) -> None:

@@ -113,6 +113,9 @@ class MediaEngine:
         # Called with each batch's events after the batch (a worker
         # publishes its counters there); None in the usual in-thread engine.
         self.after_batch: Callable[[list], None] | None = None
+        # Called with a stream whose latch changed (the kernel path follows
+        # it); only on the slow path, never per packet.
+        self.on_latch: Callable[[Stream], None] | None = None
 
     # ---- control-plane side ---------------------------------------------
     def start(self) -> None:
@@ -302,12 +305,15 @@ class MediaEngine:
                         continue
                     if src != st.remote or not st.latched:
                         nlatch = st.nlatch
+                        was_latched = st.latched
                         if not accept(st, src, buf, n, now):
                             st.ndropped += 1
                             self.npkts_foreign += 1
                             continue
                         if st.nlatch != nlatch:
                             _log_latch(st, nlatch)
+                        if self.on_latch is not None and (st.nlatch != nlatch or not was_latched):
+                            self.on_latch(st)
                     elif not st.is_rtcp and n >= 12:
                         st.seq = (buf[2] << 8) | buf[3]
                     peer = st.peer

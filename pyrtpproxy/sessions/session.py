@@ -98,6 +98,7 @@ class Session:
     players: list = attrs.Factory(lambda: [None, None])
     deleted: bool = False
     shard: int | None = None  # media worker process serving it (None: in-process)
+    kernel_hold: int = 0  # >0: a command (R, C, P) keeps its packets in userspace
 
     @classmethod
     def new(cls, call_id: str, tag: str, now: float, ttl: float) -> Session:

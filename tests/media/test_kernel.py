@@ -1,0 +1,382 @@
+"""--kernel: nftables forwards latched calls (caller, relay and callee namespaces).
+
+Every test builds its own namespaces (tests/netnsutil.py) and runs the relay
+inside the relay namespace; nothing touches the host's network.  Proof that
+the kernel forwards: the relay is stopped (SIGSTOP) and the media still
+flows.  Skipped without root, unshare or libnftables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes.util
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.netnsutil import A_ADDR, A_ADDR2, B_ADDR, RA_ADDR, RB_ADDR, Topology, inside, unavailable
+
+REASON = unavailable()
+if REASON is None and ctypes.util.find_library("nftables") is None:
+    REASON = "libnftables is not installed (apt-get install libnftables1)"
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+DEADLINE = 20.0  # seconds: every wait below gives up (and fails) after this
+
+
+def rtp(seq: int, ssrc: int = 0x1234, payload: bytes = b"\xd5" * 160) -> bytes:
+    return struct.pack("!BBHII", 0x80, 0, seq & 0xFFFF, seq * 160 & 0xFFFFFFFF, ssrc) + payload
+
+
+def wait_for(pred, what: str, timeout: float = DEADLINE):
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class KernelRelay:
+    """A topology and a ``--kernel`` relay in its relay namespace."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        self.tmp = tmp
+        self.topo = Topology()
+        self.ctl = tmp / "ctl.sock"
+        self.proc: subprocess.Popen | None = None
+        self.extra = extra
+        from pyrtpproxy.media.kernel import Nft
+
+        with inside(self.topo.r):
+            self.nft = Nft()  # its netlink socket lives in the relay namespace
+
+    def start(self, *extra: str) -> None:
+        if self.ctl.exists():
+            self.ctl.unlink()
+        argv = [sys.executable, "-m", "pyrtpproxy", "-f", "-F", "-s", f"unix:{self.ctl}"]
+        argv += ["-m", "40000", "-M", "40999", "-d", "DBUG", *self.extra, *extra]
+        self.log = open(self.tmp / "relay.log", "ab")
+        self.proc = self.topo.popen(self.topo.r, argv, stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self.ctl.exists() or self.proc.poll() is not None, "the control socket")
+        assert self.proc.poll() is None, self.logtext()
+        assert self.cmd("V") == "20040107"  # served: start-up (the kernel path's set-up) is over
+
+    def logtext(self) -> str:
+        return (self.tmp / "relay.log").read_text(errors="replace")
+
+    def cmd(self, text: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(self.ctl))
+            s.sendall(text.encode() + b"\n")
+            out = b""
+            while True:
+                d = s.recv(4096)
+                if not d:
+                    break
+                out += d
+        return out.decode().strip()
+
+    def table(self) -> dict | None:
+        """Our nftables table as {"in4": [...], "src4": [...], "chains": [...]} (None: absent)."""
+        try:
+            out = self.nft.run("list table inet pyrtpproxy", as_json=True)
+        except Exception:
+            return None
+        t: dict = {"in4": [], "src4": [], "chains": []}
+        for item in json.loads(out)["nftables"]:
+            if "map" in item:
+                t[item["map"]["name"]] = item["map"].get("elem", [])
+            elif "chain" in item:
+                t["chains"].append(item["chain"]["name"])
+        return t
+
+    def nflows(self) -> int:
+        t = self.table()
+        return len(t["in4"]) if t else 0
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(DEADLINE)
+        self.log.close()
+        return rc
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(DEADLINE)
+        self.nft.close()
+        self.topo.close()
+
+
+@pytest.fixture
+def relay(tmp_path):
+    r = KernelRelay(tmp_path, "--kernel")
+    r.start()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+class Call:
+    """A call through ``relay``: the caller is NAT'd (source port 5002, SDP says 5000)."""
+
+    def __init__(self, relay: KernelRelay, callid: str = "c1", a_port: int = 5002) -> None:
+        self.relay = relay
+        topo = relay.topo
+        self.callid = callid
+        self.pu = int(relay.cmd(f"U {callid} {A_ADDR} 5000 ft").split()[0])  # callee sends here
+        self.pl = int(relay.cmd(f"L {callid} {B_ADDR} 6000 ft tt").split()[0])  # caller sends here
+        self.a = topo.udp(topo.a, A_ADDR, a_port)
+        self.b = topo.udp(topo.b, B_ADDR, 6000)
+        self.seq_a = 100
+        self.seq_b = 900
+
+    def a_to_b(self, n: int = 1, sock: socket.socket | None = None) -> list[tuple[bytes, tuple]]:
+        got = []
+        for _ in range(n):
+            self.seq_a += 1
+            (sock or self.a).sendto(rtp(self.seq_a, 0xAAAA), (RA_ADDR, self.pl))
+            got.append(self.b.recvfrom(2048))
+        return got
+
+    def b_to_a(self, n: int = 1, sock: socket.socket | None = None) -> list[tuple[bytes, tuple]]:
+        got = []
+        for _ in range(n):
+            self.seq_b += 1
+            self.b.sendto(rtp(self.seq_b, 0xBBBB), (RB_ADDR, self.pu))
+            got.append((sock or self.a).recvfrom(2048))
+        return got
+
+    def latch(self) -> None:
+        data, src = self.a_to_b()[0]
+        assert src == (RB_ADDR, self.pu)
+        data, src = self.b_to_a()[0]
+        assert src == (RA_ADDR, self.pl)
+        wait_for(lambda: self.relay.nflows() == 2, "the kernel to take the call")
+
+    def query(self) -> dict[str, int]:
+        reply = self.relay.cmd(f"Q {self.callid} ft tt nrelayed npkts_ina npkts_ino ttl")
+        return dict(zip(("nrelayed", "ina", "ino", "ttl"), map(int, reply.split())))
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
+@contextlib.contextmanager
+def stopped(proc: subprocess.Popen):
+    """The relay process frozen: whatever still flows, the kernel forwards."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+
+def test_kernel_forwards_nated_caller_while_relay_is_frozen(relay):
+    call = Call(relay)
+    call.latch()
+    with stopped(relay.proc):
+        got = call.a_to_b(20)
+        assert all(src == (RB_ADDR, call.pu) for _, src in got)
+        assert [struct.unpack("!H", d[2:4])[0] for d, _ in got] == list(range(102, 122))
+        back = call.b_to_a(20)
+        assert all(src == (RA_ADDR, call.pl) for _, src in back)  # to the NAT'd port 5002
+    # Counters: the kernel's packets are booked (read every second).
+    q = wait_for(lambda: (q := call.query())["nrelayed"] >= 42 and q, "kernel counters in Q")
+    assert q["ina"] == 21 and q["ino"] == 21 and q["nrelayed"] == 42
+    info = relay.cmd("I")
+    assert "packets received: 42" in info, info
+    call.close()
+
+
+def test_stranger_spraying_ports_gets_nothing(relay):
+    call = Call(relay)
+    call.latch()
+    topo = relay.topo
+    stranger = topo.udp(topo.a, A_ADDR2, 5002)  # same port, another address
+    stranger2 = topo.udp(topo.b, B_ADDR, 6001)
+    for port in range(40000, 40020):
+        stranger.sendto(rtp(7, 0x666), (RA_ADDR, port))
+        stranger2.sendto(rtp(7, 0x666), (RB_ADDR, port))
+    # The parties get nothing of it; the next packets are their own.
+    call.a.settimeout(0.5)
+    call.b.settimeout(0.5)
+    got = call.a_to_b(1)
+    assert got[0][0][8:12] == b"\x00\x00\xaa\xaa"
+    back = call.b_to_a(1)
+    assert back[0][0][8:12] == b"\x00\x00\xbb\xbb"
+    stranger.settimeout(0.3)
+    stranger2.settimeout(0.3)
+    for s in (stranger, stranger2):
+        with pytest.raises(TimeoutError):
+            s.recvfrom(2048)
+    # The kernel state still names only the latched parties.
+    t = relay.table()
+    keys = json.dumps(t["in4"])
+    assert A_ADDR2 not in keys and "6001" not in keys
+    stranger.close()
+    stranger2.close()
+    call.close()
+
+
+def test_relatch_mid_call_moves_the_kernel_state(relay):
+    call = Call(relay)
+    call.latch()
+    call.a_to_b(600)  # far beyond the re-latch window of the last seq userspace saw
+    # (at 50 packets/s the counters, read every second, are never that far behind)
+    wait_for(lambda: call.query()["nrelayed"] >= 600, "the kernel counters")
+    # The caller's NAT rebinds: same SSRC, next sequence numbers, new port.
+    new_a = relay.topo.udp(relay.topo.a, A_ADDR, 5004)
+    got = call.a_to_b(1, sock=new_a)  # reaches the socket, re-latches, is relayed
+    assert got[0][1] == (RB_ADDR, call.pu)
+
+    def moved():
+        t = relay.table()
+        return t and "5004" in json.dumps(t["in4"]) and "5002" not in json.dumps(t["in4"])
+
+    wait_for(moved, "the kernel state to follow the re-latch")
+    with stopped(relay.proc):
+        back = call.b_to_a(5, sock=new_a)
+        assert all(src == (RA_ADDR, call.pl) for _, src in back)
+        call.a_to_b(5, sock=new_a)
+    # The old address is not forwarded any more (userspace drops it).
+    call.b.settimeout(0.5)
+    call.seq_a += 1
+    call.a.sendto(rtp(call.seq_a + 5000, 0x5555), (RA_ADDR, call.pl))
+    with pytest.raises(TimeoutError):
+        call.b.recvfrom(2048)
+    new_a.close()
+    call.close()
+
+
+def test_delete_and_exit_leave_no_state(relay):
+    c1 = Call(relay, "c1")
+    c1.latch()
+    assert relay.cmd("D c1 ft tt") == "0"
+    wait_for(lambda: relay.nflows() == 0, "D to remove the flows")
+    t = relay.table()
+    assert t["src4"] == [] and sorted(t["chains"]) == ["post", "pre"]
+    c1.close()
+    c2 = Call(relay, "c2", a_port=5010)
+    c2.latch()
+    assert relay.stop() == 0
+    assert relay.table() is None  # the whole table is gone at exit
+    out = relay.topo.sh(relay.topo.r, "ip -4 route")  # the relay touched nothing else
+    assert "10.71.1.0/24" in out
+    c2.close()
+
+
+def test_media_keeps_call_alive_silence_times_it_out(tmp_path):
+    r = KernelRelay(tmp_path, "--kernel", "-T", "3")
+    r.start()
+    try:
+        call = Call(r)
+        call.latch()
+        end = time.monotonic() + 5  # longer than the TTL, media only through the kernel
+        while time.monotonic() < end:
+            call.a_to_b(1)
+            call.b_to_a(1)
+            time.sleep(0.1)
+        assert call.query()["ttl"] > 0  # still there
+        # silence: the session times out and its rules go
+        wait_for(lambda: r.cmd("Q c1 ft tt").startswith("E"), "the session to time out", 15)
+        wait_for(lambda: r.nflows() == 0, "the flows to go")
+        call.close()
+    finally:
+        r.close()
+
+
+def test_kill_9_then_restart_cleans_up(relay):
+    call = Call(relay)
+    call.latch()
+    relay.stop(signal.SIGKILL)
+    assert relay.nflows() == 2  # left behind by the killed relay
+    relay.start()
+    t = relay.table()
+    assert t is not None and t["in4"] == [] and t["src4"] == [] and sorted(t["chains"]) == ["post", "pre"]
+    call.close()
+
+
+def test_record_moves_the_call_back_to_userspace(tmp_path):
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    r = KernelRelay(tmp_path, "--kernel", "-r", str(rec))
+    r.start()
+    try:
+        call = Call(r)
+        call.latch()
+        assert r.cmd("R c1 ft tt") == "0"
+        assert r.nflows() == 0  # out of the kernel before R answered
+        call.a_to_b(3)
+        call.b_to_a(3)
+        assert r.cmd("S c1 ft tt") == "0"
+        assert r.nflows() == 0  # still recording: stays in userspace
+        r.cmd("D c1 ft tt")
+        assert r.stop() == 0
+        assert any(rec.iterdir())
+        call.close()
+    finally:
+        r.close()
+
+
+def test_kernel_without_forwarding_exits_auto_falls_back(tmp_path):
+    r = KernelRelay(tmp_path, "--kernel")
+    try:
+        r.topo.sysctl(r.topo.r, "net.ipv4.ip_forward", "0")
+        argv = [
+            sys.executable,
+            "-m",
+            "pyrtpproxy",
+            "-f",
+            "-F",
+            "-s",
+            f"unix:{tmp_path / 'x.sock'}",
+            "--kernel",
+        ]
+        p = r.topo.popen(r.topo.r, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = p.communicate(timeout=DEADLINE)
+        assert p.returncode == 1
+        assert b"--kernel: net.ipv4.ip_forward is 0" in out, out
+        r.extra = ("--kernel=auto",)
+        r.start()
+        assert "--kernel=auto: relaying in userspace: net.ipv4.ip_forward is 0" in r.logtext()
+        call = Call(r)
+        call.a_to_b(1)
+        call.b_to_a(1)
+        call.a_to_b(3)  # relayed in userspace
+        assert r.table() is None
+        call.close()
+    finally:
+        r.close()
+
+
+def test_kernel_as_unprivileged_user_exits(tmp_path):
+    if not os.path.exists("/usr/bin/setpriv"):
+        pytest.skip("setpriv is not installed")
+    argv = ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+    argv += [sys.executable, "-m", "pyrtpproxy", "-f", "-F", "-s", "udp:127.0.0.1:0", "--kernel"]
+    topo = Topology()
+    try:
+        topo.sysctl(topo.r, "net.ipv4.ip_forward", "1")
+        p = topo.popen(topo.r, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/")
+        out, _ = p.communicate(timeout=DEADLINE)
+        assert p.returncode == 1, out
+        assert b"--kernel: can't set up nftables table inet pyrtpproxy" in out, out
+    finally:
+        topo.close()
