@@ -4,7 +4,8 @@
 #                    (make run ARGS="..." to pass other options)
 #   make test        unit tests + Kamailio compat tests. On a fresh Debian 12
 #                    run as root, it installs what the tests need
-#                    (kamailio, sip-tester, tshark, mandoc) with apt-get.
+#                    (kamailio, sip-tester, tshark, mandoc, nftables,
+#                    libnftables1, iproute2) with apt-get.
 #   make check       layering contracts, ruff lint/format, mypy (part of test)
 #   make lint-man    check the man page with mandoc
 #
@@ -25,7 +26,7 @@ PYTEST_ARGS ?= -q
 # Seconds: a hung test run is killed well before the 15-minute CI budget.
 TEST_TIMEOUT ?= 840
 
-APT_PACKAGES := kamailio sip-tester tshark mandoc
+APT_PACKAGES := kamailio sip-tester tshark mandoc nftables libnftables1 iproute2
 KAMAILIO_RTPPROXY_SO ?= /usr/lib/x86_64-linux-gnu/kamailio/modules/rtpproxy.so
 
 .PHONY: help run test check test-deps venv-deps lint-man
@@ -84,10 +85,11 @@ venv-deps:
 
 test-deps:
 	@pkgs=; missing=; \
-	for c in kamailio sipp tshark mandoc; do \
+	for c in kamailio sipp tshark mandoc nft ip; do \
 	  command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; \
 	done; \
 	[ -e $(KAMAILIO_RTPPROXY_SO) ] || missing="$$missing $(KAMAILIO_RTPPROXY_SO)"; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q libnftables.so.1 || missing="$$missing libnftables.so.1"; \
 	if [ -n "$$missing" ]; then pkgs=" $(APT_PACKAGES)"; fi; \
 	$(need_python) \
 	$(apt_install)
