@@ -10,7 +10,13 @@ from pyrtpproxy.daemon.config import ConfigError
 
 @pytest.mark.parametrize(
     ("args", "mode"),
-    [([], None), (["--kernel"], "on"), (["--kernel=auto"], "auto"), (["--kern"], "on"), (["--kernel=auto", "-T", "5"], "auto")],
+    [
+        ([], None),
+        (["--kernel"], "on"),
+        (["--kernel=auto"], "auto"),
+        (["--kern"], "on"),
+        (["--kernel=auto", "-T", "5"], "auto"),
+    ],
 )
 def test_kernel_option(args, mode):
     assert build_config(["-F", *args]).kernel == mode
