@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from ..media.engine import MediaEngine
+from ..sessions import latch
 from . import control
 from .dispatcher import Dispatcher, Iface, Settings
 
@@ -37,13 +38,14 @@ class Server:
     ) -> None:
         # The media thread always stamps packets with the monotonic clock (a
         # test's Trio MockClock cannot be read from another thread).
+        policy = latch.Policy(learning=settings.endpoint_learning, strict=settings.strict_source)
         if workers > 0:
             from ..media.workers import ShardedEngine
 
             nslots = settings.port_max - settings.port_min + 2
-            self.engine: Any = ShardedEngine(workers, nslots, dup_small=dup_small)
+            self.engine: Any = ShardedEngine(workers, nslots, dup_small=dup_small, policy=policy)
         else:
-            self.engine = MediaEngine(dup_small=dup_small)
+            self.engine = MediaEngine(dup_small=dup_small, policy=policy)
         self.dispatcher = Dispatcher(settings, self.engine, clock=clock)
         self.bound = list(bound)
         self.clock = clock
@@ -202,6 +204,8 @@ def settings_from_config(cfg: Any) -> Settings:
         force_asymmetric=cfg.force_asymmetric,
         bridge_symmetric=cfg.bridge_symmetric,
         notify_targets=tuple(cfg.notify_targets),
+        endpoint_learning=cfg.endpoint_learning,
+        strict_source=cfg.strict_source,
     )
 
 

@@ -29,6 +29,7 @@ from .. import __version__
 from .config import (
     BINDARG_MAX,
     DEFAULT_CONTROL_SOCKET,
+    ENDPOINT_LEARNING_MODES,
     BindArg,
     Config,
     ConfigError,
@@ -59,6 +60,8 @@ LONG_OPTS = [
     "metrics=",
     "workers=",
     "kernel",
+    "endpoint-learning=",
+    "strict-source",
 ]
 _OPTIONAL_ARG_LONG = frozenset({"overload_prot", "kernel"})
 MONOTONIC_CLOCK_NAME = "CLOCK_MONOTONIC"  # what time.monotonic() reads on Linux
@@ -75,6 +78,8 @@ usage: {PROG} [-2abDfFiPRv] [-l addr|in/out|label@addr[=adv]]...
          [--no_redirect] [--nice n] [--overload_prot] [--config file]
          [--dso module] [--prompt-dir dir] [--metrics url] [--workers n]
          [--kernel[=auto]]
+         [--endpoint-learning immediate|delayed|heuristic|off]
+         [--strict-source]
        {PROG} -V | -v | -C
 """
 
@@ -399,6 +404,15 @@ def build_config(argv: Sequence[str]) -> Config:
                 if kernel_arg not in (None, "auto"):
                     raise ConfigError(f"--kernel={kernel_arg}: argument is invalid (only --kernel=auto)")
                 kw["kernel"] = kernel_arg or "on"
+            case "--endpoint-learning":
+                if arg not in ENDPOINT_LEARNING_MODES:
+                    raise ConfigError(
+                        f"--endpoint-learning {arg}: unknown mode, expected one of "
+                        + "|".join(ENDPOINT_LEARNING_MODES)
+                    )
+                kw["endpoint_learning"] = arg
+            case "--strict-source":
+                kw["strict_source"] = True
             case _:  # pragma: no cover - getopt only returns declared options
                 raise UsageError(f"invalid option -- '{opt.lstrip('-')}'")
 

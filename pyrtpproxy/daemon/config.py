@@ -30,6 +30,7 @@ BINDARG_MAX = 16  # how many -l/-6 arguments rtpproxy accepts
 NOTIFY_TARGETS_MAX = 64
 NOTIFY_WILDCARDS_MAX = 2
 CC_SELF = "%%CC_SELF%%"
+ENDPOINT_LEARNING_MODES = ("immediate", "delayed", "heuristic", "off")  # sessions/latch.py
 
 # -d levels, most verbose first.
 LOG_LEVELS: tuple[str, ...] = ("DBUG", "INFO", "WARN", "ERR", "CRIT")
@@ -145,6 +146,9 @@ class Config:
     metrics: str | None = None  # --metrics
     workers: int = 0  # --workers: media worker processes (0: relay in-process)
     kernel: str | None = None  # --kernel: "on" or "auto" (kernel fast path)
+    endpoint_learning: str = "immediate"  # --endpoint-learning
+    strict_source: bool = False  # --strict-source
+    control_allow: tuple[str, ...] = ()  # --control-allow, normalised CIDRs
 
     @property
     def internal(self) -> BindAddr:
@@ -383,3 +387,23 @@ def check_notify_limits(targets: tuple[str, ...]) -> None:
     wild = sum(1 for t in targets if t.startswith(f"tcp:{CC_SELF}:"))
     if wild > NOTIFY_WILDCARDS_MAX or len(targets) - wild > NOTIFY_TARGETS_MAX:
         raise ConfigError("error adding timeout notification: too many notification targets")
+
+
+def parse_cidr_list(arg: str) -> tuple[str, ...]:
+    """--control-allow: ``CIDR[,CIDR...]`` (a bare address is a /32 or /128).
+
+    Returns the networks in canonical form; raises ConfigError on a bad one.
+    """
+    import ipaddress
+
+    out: list[str] = []
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            raise ConfigError(f"--control-allow {arg}: empty network")
+        try:
+            net = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"--control-allow {item}: not an address or CIDR network") from None
+        out.append(str(net))
+    return tuple(out)

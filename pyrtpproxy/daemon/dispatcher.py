@@ -59,6 +59,8 @@ class Settings:
     force_asymmetric: bool = False
     bridge_symmetric: bool = False
     notify_targets: tuple[str, ...] = ()
+    endpoint_learning: str = "immediate"  # --endpoint-learning (sessions/latch.py)
+    strict_source: bool = False  # --strict-source
 
     def parse_env(self) -> C.ParseEnv:
         fams = {i.family for i in self.ifaces + self.labelled}
@@ -536,6 +538,7 @@ class Dispatcher:
             self._pps_last = pps
         vals = {name: getattr(c, name, 0) for name in S.GLOBAL_COUNTERS}
         vals.update(npkts_rcvd=rcvd, npkts_relayed=relayed, npkts_discard=dropped, pps_in=pps)
+        vals["pyrtpp_npkts_foreign"] = getattr(self.engine, "npkts_foreign", 0)
         return vals
 
     def stats(self, cmd: C.Stats, now: float) -> str:

@@ -90,7 +90,13 @@ def _log_latch(st: Stream, before: int) -> None:
 class MediaEngine:
     """Relays RTP/RTCP between the streams it is given, in its own thread."""
 
-    def __init__(self, *, dup_small: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        dup_small: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        policy: _latch.Policy = _latch.DEFAULT_POLICY,
+    ) -> None:
         self._ep = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep.register(self._wake_fd, _EPOLLIN)
@@ -100,11 +106,13 @@ class MediaEngine:
         self._stop = False
         self._dup_small = dup_small
         self._clock = clock
+        # Endpoint learning: the latch decision for packets off the fast path.
+        self.policy = policy
         # Totals of streams already removed (live ones are summed on read).
         self.gone_rcvd = 0
         self.gone_relayed = 0
         self.gone_dropped = 0
-        self.npkts_foreign = 0  # dropped by the latch rules
+        self.npkts_foreign = 0  # dropped by the latch rules (strangers)
         self.npkts_inactive = 0  # arrived before the session was complete
         self.errors = 0
         # Non-media fds served by the loop (a worker's control socket):
@@ -262,7 +270,7 @@ class MediaEngine:
         buf = bytearray(65536)
         mv = memoryview(buf)
         clock = self._clock
-        accept = _latch.accept
+        accept = self.policy.decider()
         dup_small = self._dup_small
         while not self._stop:
             try:

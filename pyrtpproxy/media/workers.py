@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..sessions import latch as _latch
 from ..sessions.session import Stream
 from .engine import MediaEngine
 
@@ -58,6 +59,10 @@ _STATE = (
     "ssrc",
     "seq",
     "nlatch",
+    "sdp",
+    "learn_until",
+    "cand",
+    "cand_rank",
     "active",
     "muted",
     "tos",
@@ -103,10 +108,12 @@ class _WSession:
 
 
 class Worker:
-    def __init__(self, ctrl: socket.socket, cnt: Counters) -> None:
+    def __init__(
+        self, ctrl: socket.socket, cnt: Counters, policy: _latch.Policy = _latch.DEFAULT_POLICY
+    ) -> None:
         self.ctrl = ctrl
         self.cnt = cnt
-        self.engine = MediaEngine()
+        self.engine = MediaEngine(policy=policy)
         self.by_sid: dict[int, Stream] = {}
         self.engine.add_other(ctrl.fileno(), self._on_ctrl)
         self.engine.after_batch = self._publish
@@ -247,12 +254,15 @@ def worker_main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     ctrl_fd, shm_fd, nslots = int(argv[0]), int(argv[1]), int(argv[2])
+    policy = _latch.DEFAULT_POLICY
+    if len(argv) >= 5:
+        policy = _latch.Policy(learning=argv[3], strict=argv[4] == "1")
     ctrl = socket.socket(fileno=ctrl_fd)
     ctrl.setblocking(False)
     cnt = Counters(shm_fd, nslots)
     os.close(shm_fd)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s:worker %(process)d: %(message)s")
-    Worker(ctrl, cnt).run()
+    Worker(ctrl, cnt, policy).run()
     return 0
 
 
@@ -260,7 +270,7 @@ def worker_main(argv: list[str]) -> int:
 class WorkerHandle:
     """One worker process as the control plane sees it."""
 
-    def __init__(self, index: int, nslots: int) -> None:
+    def __init__(self, index: int, nslots: int, policy: _latch.Policy = _latch.DEFAULT_POLICY) -> None:
         self.index = index
         self.nslots = nslots
         self.ctrl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -268,7 +278,16 @@ class WorkerHandle:
         self.free_slots = list(range(nslots - 1, -1, -1))
         self.used: set[int] = set()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyrtpproxy.media.workers", str(child.fileno()), str(shm_fd), str(nslots)],
+            [
+                sys.executable,
+                "-m",
+                "pyrtpproxy.media.workers",
+                str(child.fileno()),
+                str(shm_fd),
+                str(nslots),
+                policy.learning,
+                "1" if policy.strict else "0",
+            ],
             pass_fds=(child.fileno(), shm_fd),
             close_fds=True,
         )
@@ -346,8 +365,16 @@ class ShardedEngine:
     engine serves localised ones (recording, playback).
     """
 
-    def __init__(self, workers: int, nslots: int, *, dup_small: bool = False) -> None:
-        self.local = MediaEngine(dup_small=dup_small)
+    def __init__(
+        self,
+        workers: int,
+        nslots: int,
+        *,
+        dup_small: bool = False,
+        policy: _latch.Policy = _latch.DEFAULT_POLICY,
+    ) -> None:
+        self.local = MediaEngine(dup_small=dup_small, policy=policy)
+        self.policy = policy
         self.nworkers = workers
         self.nslots = nslots
         self.workers: list[WorkerHandle] = []
@@ -358,7 +385,7 @@ class ShardedEngine:
     def start(self) -> None:
         self.local.start()
         for i in range(self.nworkers):
-            self.workers.append(WorkerHandle(i, self.nslots))
+            self.workers.append(WorkerHandle(i, self.nslots, self.policy))
 
     def stop(self) -> None:
         self.local.stop()

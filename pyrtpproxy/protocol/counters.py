@@ -35,6 +35,11 @@ GLOBAL_COUNTERS: dict[str, tuple[str, str]] = {
     "rtpa_nlost": ("int", "Total number of lost RTP packets based on SEQ tracking"),
     "rtpa_perrs": ("int", "Total number of RTP packets that failed RTP parse"),
     "pps_in": ("double", "Rate at which RTP/RTPC packets are received (packets per second)"),
+    # pyrtpproxy's own (the pyrtpp_ prefix keeps them apart from rtpproxy's names)
+    "pyrtpp_npkts_foreign": (
+        "int",
+        "Total number of RTP/RTCP packets dropped because their source is not the stream's (latch rules)",
+    ),
 }
 
 # Q: name -> kind; the first five are the default reply.

@@ -1,5 +1,25 @@
 """Address learning ("latching"), spec section 6, as pure code.
 
+This module is the one place where the relay decides whether a packet from a
+given source may enter a stream and where the stream's replies go.  The API
+the media engines (and anything that mirrors them, e.g. a kernel fast path
+or connected sockets) build on:
+
+* the **fast path**: a packet whose source equals ``st.remote`` while
+  ``st.latched`` is true is accepted without asking anything (every mode);
+* otherwise ``decide(st, src, buf, n, now)`` answers ACCEPT or DROP and may
+  move ``st.remote`` / ``st.latched``; ``st.nlatch`` grows whenever it
+  (re-)latched, so a caller can notice a change by comparing it;
+* ``decide`` is ``Policy(...).decider()``: :func:`accept` (below, rtpproxy's
+  rules) for the default policy, so the default costs what it always did;
+* ``prefill(st, addr, now)`` is the only way a U/L changes a stream;
+* :func:`settled` tells whether a stream's source is final until the next
+  U/L (strict policies), i.e. whether a cache of "source -> destination"
+  may drop every other source without asking :func:`decide`.
+
+Endpoint-learning modes (``--endpoint-learning``, rtpengine's names) and
+``--strict-source`` are described in :class:`Policy`.
+
 ``accept(st, src, buf, n, now)`` decides whether a packet from ``src`` that
 arrived on stream ``st`` is accepted, and updates the stream's remote
 address and latch state.  It takes the packet bytes and the time
@@ -23,10 +43,21 @@ Rules (rtpproxy's):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
+
+import attrs
 
 UPDATE_WINDOW = 10.0
 SEQ_WINDOW = 536
+LEARN_WINDOW = 3.0  # delayed / heuristic learning (rtpengine's 3 s)
+
+IMMEDIATE = "immediate"
+DELAYED = "delayed"
+HEURISTIC = "heuristic"
+OFF = "off"
+MODES = (IMMEDIATE, DELAYED, HEURISTIC, OFF)
 
 ACCEPT = 1
 DROP = 0
@@ -119,6 +150,7 @@ def prefill(st: Any, remote: tuple | None, now: float) -> None:
     """
     if remote is None:
         return
+    st.sdp = remote
     if st.remote is not None:
         st.last_update = now
     if st.untrusted and not st.asymmetric:
@@ -126,3 +158,172 @@ def prefill(st: Any, remote: tuple | None, now: float) -> None:
     if st.remote != remote:
         st.remote = remote
         st.latched = bool(st.asymmetric)
+        st.learn_until = 0.0
+        st.cand = None
+        st.cand_rank = -1
+
+
+# ---- endpoint-learning policies ------------------------------------------------------
+@attrs.frozen
+class Policy:
+    """How streams learn their party's address (chosen once, at start-up).
+
+    ``learning``:
+
+    * ``immediate`` (default): rtpproxy's rules, :func:`accept` above;
+    * ``delayed``: the first packet opens a LEARN_WINDOW; packets are relayed
+      meanwhile while replies keep going to the U/L address; the first
+      packet after the window latches the stream to the source of the most
+      recent valid packet (RTP header, or any RTCP) seen in it;
+    * ``heuristic``: like ``delayed`` but the window's candidates are ranked:
+      the U/L address and port (latches at once), then the same address,
+      then the same port, then any; ties keep the current address, then the
+      first seen;
+    * ``off``: never learn: replies go to the U/L address only and packets
+      are accepted from its host (rtpproxy's asymmetric rule).
+
+    ``strict``: once latched, packets from any other source are dropped
+    (counted by the caller), never relayed nor re-latched to, until a U/L
+    refills the stream; the SSRC/sequence re-latch rule is off.  A refill
+    opens UPDATE_WINDOW as usual: with ``immediate`` another RTP source may
+    re-latch in it, with ``delayed``/``heuristic`` a new source restarts
+    learning (the current address keeps ties).  With ``off``, only the exact
+    U/L address and port are accepted.
+    """
+
+    learning: str = attrs.field(default=IMMEDIATE, validator=attrs.validators.in_(MODES))
+    strict: bool = False
+
+    @property
+    def is_default(self) -> bool:
+        return self.learning == IMMEDIATE and not self.strict
+
+    def decider(self) -> Callable[[Any, tuple, Any, int, float], int]:
+        """``decide(st, src, buf, n, now) -> ACCEPT|DROP`` for this policy."""
+        if self.is_default:
+            return accept
+        if self.learning == OFF:
+            return functools.partial(_decide_off, strict=self.strict)
+        return functools.partial(_decide, learning=self.learning, strict=self.strict)
+
+
+DEFAULT_POLICY = Policy()
+
+
+def settled(st: Any, policy: Policy, now: float) -> bool:
+    """True when only ``st.remote`` can enter ``st`` until its next U/L."""
+    if not st.latched or st.remote is None:
+        return False
+    if policy.learning == OFF:
+        return policy.strict
+    return policy.strict and now - st.last_update >= UPDATE_WINDOW
+
+
+def rank(st: Any, src: tuple) -> int:
+    """Heuristic rank of ``src`` against the U/L address: 3 both, 2 host, 1 port, 0."""
+    sdp = st.sdp
+    if sdp is None:
+        return 0
+    if src[0] == sdp[0]:
+        return 3 if src[1] == sdp[1] else 2
+    return 1 if src[1] == sdp[1] else 0
+
+
+def _settle(st: Any, src: tuple) -> None:
+    """Latch ``st`` to ``src`` (learning is over)."""
+    if src != st.remote:
+        st.remote = src
+        st.untrusted = True
+        if not st.is_rtcp:
+            _guess_rtcp(st, src)
+    st.latched = True
+    st.learn_until = 0.0
+    st.cand = None
+    st.cand_rank = -1
+    st.nlatch += 1
+
+
+def _learn(st: Any, src: tuple, buf: Any, n: int, now: float, heuristic: bool) -> int:
+    """A packet while ``st`` learns (not latched)."""
+    hdr = None if st.is_rtcp else rtp_header_untrusted(buf, n)
+    valid = st.is_rtcp or hdr is not None
+    if st.learn_until == 0.0:
+        st.learn_until = now + LEARN_WINDOW
+        st.cand = None
+        st.cand_rank = -1
+    if valid:
+        if heuristic:
+            r = rank(st, src)
+            if r == 3:
+                if hdr is not None:
+                    st.ssrc, st.seq = hdr
+                _settle(st, src)
+                return ACCEPT
+            if r > st.cand_rank or (r == st.cand_rank and src == st.remote and st.cand != src):
+                st.cand, st.cand_rank = src, r
+                if hdr is not None:
+                    st.ssrc, st.seq = hdr
+            elif src == st.cand and hdr is not None:
+                st.ssrc, st.seq = hdr
+        else:
+            st.cand = src
+            if hdr is not None:
+                st.ssrc, st.seq = hdr
+    if now >= st.learn_until and st.cand is not None:
+        _settle(st, st.cand)
+        return ACCEPT if src == st.remote else DROP
+    return ACCEPT
+
+
+def _decide(st: Any, src: tuple, buf: Any, n: int, now: float, *, learning: str, strict: bool) -> int:
+    """immediate+strict, delayed and heuristic (with or without strict)."""
+    remote = st.remote
+    if st.asymmetric:
+        if remote is None:
+            return DROP
+        return ACCEPT if src[0] == remote[0] else DROP
+    if learning == IMMEDIATE:
+        if src == remote or remote is None or not st.latched:
+            return accept(st, src, buf, n, now)
+        # latched, another source: only a refill's window lets it in
+        if now - st.last_update < UPDATE_WINDOW:
+            return accept(st, src, buf, n, now)
+        return DROP
+    heuristic = learning == HEURISTIC
+    if not st.latched:
+        return _learn(st, src, buf, n, now, heuristic)
+    if src == remote:
+        return ACCEPT
+    if now - st.last_update < UPDATE_WINDOW:
+        # a U/L refilled this stream: learn again (the current address
+        # stays the destination meanwhile and keeps ties)
+        st.latched = False
+        st.learn_until = 0.0
+        return _learn(st, src, buf, n, now, heuristic)
+    if strict or st.is_rtcp or st.ssrc is None:
+        return DROP
+    hdr = rtp_header_untrusted(buf, n)
+    if hdr is None or hdr[0] != st.ssrc:
+        return DROP
+    dist = (hdr[1] - st.seq) & 0xFFFF
+    if dist <= SEQ_WINDOW or dist >= 0x10000 - SEQ_WINDOW:
+        st.seq = hdr[1]
+        st.remote = src
+        st.untrusted = True
+        _guess_rtcp(st, src)
+        st.nlatch += 1
+        return ACCEPT
+    return DROP
+
+
+def _decide_off(st: Any, src: tuple, buf: Any, n: int, now: float, *, strict: bool) -> int:
+    """No learning: the U/L address is the only destination."""
+    remote = st.remote
+    if remote is None:
+        return DROP
+    if src == remote:
+        st.latched = True  # the engine's fast path applies from now on
+        return ACCEPT
+    if strict:
+        return DROP
+    return ACCEPT if src[0] == remote[0] else DROP

@@ -46,6 +46,11 @@ class Stream:
     ssrc: int | None = None
     seq: int = 0
     nlatch: int = 0
+    # Endpoint learning (latch.Policy, modes other than the default):
+    sdp: tuple | None = None  # the address the last U/L gave (ranking reference)
+    learn_until: float = 0.0  # end of the learning window (0: none running)
+    cand: tuple | None = None  # best source seen in the window
+    cand_rank: int = -1
     # Relay state, set by the control plane through the media engine.
     active: bool = False  # the session is complete: relay packets
     peer: Stream | None = None  # the other stream of the same pipe

@@ -133,3 +133,107 @@ def test_refill_opens_update_window_hold_does_not():
     latch.prefill(st, A, 160.0)  # re-INVITE refill: window
     assert latch.accept(st, NAT, q, len(q), 161.0) == latch.ACCEPT
     assert st.remote == NAT
+
+
+# ---- endpoint-learning policies ----------------------------------------------------
+SDP = ("127.0.0.1", 30000)
+SAME_HOST = ("127.0.0.1", 31000)
+SAME_PORT = ("127.0.0.5", 30000)
+
+
+def decide(policy, st, src, pkt, now):
+    return policy.decider()(st, src, pkt, len(pkt), now)
+
+
+def test_default_policy_is_rtpproxy_accept():
+    assert latch.Policy().decider() is latch.accept
+    assert latch.Policy().is_default
+
+
+def test_unknown_mode_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError):
+        latch.Policy(learning="sometimes")
+
+
+def test_immediate_strict_no_ssrc_relatch():
+    pol = latch.Policy(strict=True)
+    st = stream()
+    latch.prefill(st, SDP, 0.0)
+    p = rtp(seq=10)
+    assert decide(pol, st, SDP, p, 1.0) == latch.ACCEPT and st.latched
+    # the victim's SSRC, next seq: rtpproxy would re-latch, strict does not
+    q = rtp(seq=11)
+    assert decide(pol, st, EVIL, q, 2.0) == latch.DROP
+    assert st.remote == SDP
+    # a refill opens the window: the phone may move
+    latch.prefill(st, SDP, 50.0)
+    assert decide(pol, st, NAT, q, 51.0) == latch.ACCEPT and st.remote == NAT
+    assert decide(pol, st, EVIL, q, 70.0) == latch.DROP
+    assert latch.settled(st, pol, 70.0) and not latch.settled(st, pol, 52.0)
+
+
+def test_heuristic_sdp_match_latches_at_once_despite_earlier_stranger():
+    pol = latch.Policy(learning="heuristic")
+    st = stream()
+    latch.prefill(st, SDP, 0.0)
+    e = rtp(ssrc=0xEEEE)
+    assert decide(pol, st, EVIL, e, 1.0) == latch.ACCEPT  # relayed while learning
+    assert not st.latched and st.remote == SDP  # replies still go to the SDP
+    assert decide(pol, st, SDP, rtp(), 1.1) == latch.ACCEPT
+    assert st.latched and st.remote == SDP and st.nlatch == 1
+    assert decide(pol, st, EVIL, e, 5.0) == latch.DROP  # non-strict: SSRC differs
+
+
+def test_heuristic_ranks_when_no_exact_match():
+    pol = latch.Policy(learning="heuristic")
+    st = stream()
+    latch.prefill(st, SDP, 0.0)
+    for src in (EVIL, SAME_PORT, SAME_HOST, EVIL):
+        decide(pol, st, src, rtp(), 1.0)
+    assert not st.latched and st.cand == SAME_HOST
+    assert decide(pol, st, EVIL, rtp(), 4.5) == latch.DROP  # window over: latched
+    assert st.latched and st.remote == SAME_HOST and st.untrusted
+    assert st.rtcp_twin.remote == ("127.0.0.1", 31001)
+
+
+def test_delayed_latches_to_the_most_recent_source():
+    pol = latch.Policy(learning="delayed")
+    st = stream()
+    latch.prefill(st, SDP, 0.0)
+    decide(pol, st, SDP, rtp(), 1.0)
+    decide(pol, st, EVIL, rtp(), 2.0)
+    assert decide(pol, st, NAT, rtp(), 3.5) == latch.ACCEPT
+    assert decide(pol, st, NAT, rtp(), 4.1) == latch.ACCEPT
+    assert st.latched and st.remote == NAT
+
+
+def test_heuristic_strict_refill_relearns_current_address_keeps_ties():
+    pol = latch.Policy(learning="heuristic", strict=True)
+    st = stream()
+    latch.prefill(st, ("10.0.0.1", 4000), 0.0)  # SDP private, phone behind NAT
+    decide(pol, st, NAT, rtp(), 1.0)
+    decide(pol, st, NAT, rtp(), 4.5)
+    assert st.latched and st.remote == NAT
+    latch.prefill(st, ("10.0.0.1", 4000), 100.0)  # re-INVITE
+    assert decide(pol, st, EVIL, rtp(ssrc=0xEEEE), 100.5) == latch.ACCEPT  # relearning
+    decide(pol, st, NAT, rtp(), 101.0)
+    decide(pol, st, EVIL, rtp(ssrc=0xEEEE), 103.0)
+    assert decide(pol, st, NAT, rtp(), 104.0) == latch.ACCEPT
+    assert st.latched and st.remote == NAT
+
+
+def test_off_never_learns():
+    pol = latch.Policy(learning="off")
+    st = stream()
+    assert decide(pol, st, SDP, rtp(), 1.0) == latch.DROP  # no address yet
+    latch.prefill(st, SDP, 0.0)
+    assert decide(pol, st, NAT, rtp(), 1.0) == latch.ACCEPT  # same host, any port
+    assert decide(pol, st, EVIL, rtp(), 1.0) == latch.DROP
+    assert st.remote == SDP and not st.untrusted
+    strict = latch.Policy(learning="off", strict=True)
+    assert decide(strict, st, NAT, rtp(), 1.0) == latch.DROP
+    assert decide(strict, st, SDP, rtp(), 1.0) == latch.ACCEPT and st.latched
+    latch.prefill(st, NAT, 5.0)  # re-INVITE moves the destination
+    assert st.remote == NAT
