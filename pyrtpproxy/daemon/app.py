@@ -335,6 +335,7 @@ def attach_extensions(server: Server, cfg: Any) -> None:
 
     One block per subsystem; each module owns its ``attach(server, cfg)``.
     """
+    from .mediaproxy import attach as attach_mediaproxy
     from .metrics import attach as attach_metrics
     from .notifier import attach as attach_notify
     from .sdnotify import attach as attach_sdnotify
@@ -347,6 +348,7 @@ def attach_extensions(server: Server, cfg: Any) -> None:
 
     attach_player(server, cfg)
     attach_recorder(server, cfg)
+    attach_mediaproxy(server, cfg)
     attach_kernel(server, cfg)
 
 

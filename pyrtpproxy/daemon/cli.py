@@ -62,6 +62,8 @@ LONG_OPTS = [
     "kernel",
     "endpoint-learning=",
     "strict-source",
+    "mediaproxy=",
+    "mediaproxy-mi=",
 ]
 _OPTIONAL_ARG_LONG = frozenset({"overload_prot", "kernel"})
 MONOTONIC_CLOCK_NAME = "CLOCK_MONOTONIC"  # what time.monotonic() reads on Linux
@@ -80,6 +82,7 @@ usage: {PROG} [-2abDfFiPRv] [-l addr|in/out|label@addr[=adv]]...
          [--kernel[=auto]]
          [--endpoint-learning immediate|delayed|heuristic|off]
          [--strict-source]
+         [--mediaproxy unix:path]... [--mediaproxy-mi unix:path|udp:host:port|none]
        {PROG} -V | -v | -C
 """
 
@@ -271,6 +274,7 @@ def build_config(argv: Sequence[str]) -> Config:
     kinds: list[str] = []
     notify: list[str] = []
     dso: list[str] = []
+    mediaproxy: list[str] = []
     port_min, port_max = 35000, 65000
     log_level: str | None = None
 
@@ -413,6 +417,20 @@ def build_config(argv: Sequence[str]) -> Config:
                 kw["endpoint_learning"] = arg
             case "--strict-source":
                 kw["strict_source"] = True
+            case "--mediaproxy":
+                from .mediaproxy import parse_socket_arg
+
+                try:
+                    mediaproxy.append(os.path.abspath(parse_socket_arg(arg)))
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+            case "--mediaproxy-mi":
+                from .mediaproxy import parse_mi_arg
+
+                try:
+                    kw["mediaproxy_mi"] = None if parse_mi_arg(arg) is None else arg
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
             case _:  # pragma: no cover - getopt only returns declared options
                 raise UsageError(f"invalid option -- '{opt.lstrip('-')}'")
 
@@ -422,10 +440,12 @@ def build_config(argv: Sequence[str]) -> Config:
 
     ttl = kw.get("ttl", attrs.fields(Config).ttl.default)
     kw.setdefault("setup_ttl", ttl)
-    if not controls:
+    if not controls and not mediaproxy:
+        # with --mediaproxy alone, no rtpproxy control socket is opened
         controls.append(DEFAULT_CONTROL_SOCKET)
         kinds.append(control_kind(DEFAULT_CONTROL_SOCKET))
     kw["control_sockets"] = tuple(controls)
+    kw["mediaproxy_sockets"] = tuple(mediaproxy)
 
     if kw.get("spool_dir") is not None and kw.get("record_dir") is None:
         raise ConfigError("-S switch requires -r switch")

@@ -149,6 +149,8 @@ class Config:
     endpoint_learning: str = "immediate"  # --endpoint-learning
     strict_source: bool = False  # --strict-source
     control_allow: tuple[str, ...] = ()  # --control-allow, normalised CIDRs
+    mediaproxy_sockets: tuple[str, ...] = ()  # --mediaproxy: dispatcher socket paths
+    mediaproxy_mi: str | None = "unix:/run/opensips/socket"  # --mediaproxy-mi (None: off)
 
     @property
     def internal(self) -> BindAddr:

@@ -115,6 +115,9 @@ class Dispatcher:
         self.on_empty: Callable[[], None] = lambda: None  # drain finished
         self.on_timeout: Callable[[Session], None] = lambda s: None  # notify hook
         self.on_created: Callable[[Session], None] = lambda s: None  # -a hook
+        # Called as fn(session, now, timed_out) when a session is destroyed,
+        # before its sockets close (its counters are still readable).
+        self.on_gone: list[Callable[[Session, float, bool], None]] = []
         self._pps_sample = (clock(), 0)
         self._lock: Any = None  # a trio.Lock, made on first use inside Trio
         # Hooks the recording/playback issues fill in.
@@ -130,13 +133,19 @@ class Dispatcher:
     def note_duplicate(self) -> None:
         self.counters.ncmds_rcvd_ndups += 1
 
-    async def handle(self, data: bytes, peer_host: str | None = None) -> bytes:
-        """Run one command; commands never interleave (rtpproxy's global lock)."""
+    @property
+    def lock(self) -> Any:
+        """The lock every command holds (rtpproxy's global lock): other
+        control protocols (MediaProxy's) take it too."""
         if self._lock is None:
             import trio
 
             self._lock = trio.Lock()
-        async with self._lock:
+        return self._lock
+
+    async def handle(self, data: bytes, peer_host: str | None = None) -> bytes:
+        """Run one command; commands never interleave (rtpproxy's global lock)."""
+        async with self.lock:
             return await self._handle(data, peer_host)
 
     async def _handle(self, data: bytes, peer_host: str | None) -> bytes:
@@ -467,6 +476,8 @@ class Dispatcher:
         if s.deleted:
             return
         self.engine.sync(s)
+        for fn in self.on_gone:
+            fn(s, now, timeout)
         self.table.remove(s)
         if self.kernel is not None:
             self.kernel.touch(s)  # deleted: every rule of it goes

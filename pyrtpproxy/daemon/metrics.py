@@ -69,6 +69,7 @@ class Snapshot:
     recordings_open: int
     draining: bool
     uptime: float
+    sections: dict = attrs.Factory(dict)  # name -> JSON-able dict (e.g. "mediaproxy")
 
 
 _FAMILY = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
@@ -116,6 +117,7 @@ def snapshot(server: Any, now: float | None = None) -> Snapshot:
         recordings_open=_recordings_open(getattr(d, "recording", None)),
         draining=bool(d.draining),
         uptime=0.0 if started is None else max(0.0, time.monotonic() - started),
+        sections={name: fn() for name, fn in getattr(server, "stats_sections", {}).items()},
     )
 
 
@@ -196,6 +198,10 @@ def render_prometheus(snap: Snapshot) -> str:
     )
     metric("rtpproxy_draining", "gauge", "1 after SIGHUP (no new sessions)", [("", snap.draining)])
     metric("rtpproxy_uptime_seconds", "gauge", "Seconds since the relay started serving", [("", snap.uptime)])
+    for section, values in snap.sections.items():
+        for key, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metric(f"rtpproxy_{section}_{key}", "gauge", f"{section}: {key}", [("", v)])
     return "\n".join(out) + "\n"
 
 
@@ -220,6 +226,7 @@ def render_json(snap: Snapshot) -> str:
         draining=snap.draining,
         uptime=snap.uptime,
     )
+    doc.update(snap.sections)
     return json.dumps(doc, sort_keys=False) + "\n"
 
 

@@ -357,5 +357,6 @@ class MediaEngine:
                         st.ndropped += 1
                         continue
                     st.nrelayed += 1
+                    st.nbytes += n
             if after_batch is not None:
                 after_batch(events)

@@ -45,7 +45,7 @@ log = logging.getLogger("pyrtpproxy.shard")
 
 HDR = 8  # header slots of the int64 array: the worker's totals
 H_RCVD, H_RELAYED, H_DROPPED, H_FOREIGN, H_INACTIVE, H_ERRORS, H_NSOCK = range(7)
-NCNT = 3  # int64 counters per stream: in, relayed, dropped
+NCNT = 4  # int64 counters per stream: in, relayed, dropped, bytes relayed
 MSG_MAX = 1 << 16
 
 # The state a worker hands back when a stream is localised.
@@ -129,6 +129,7 @@ class Worker:
         ints[b] = st.npkts_in
         ints[b + 1] = st.nrelayed
         ints[b + 2] = st.ndropped
+        ints[b + 3] = st.nbytes
         self.cnt.times[st.slot] = st.last_rx
 
     def _publish(self, events: list) -> None:
@@ -488,7 +489,7 @@ class ShardedEngine:
             return
         b = HDR + st.slot * NCNT
         ints = w.cnt.ints
-        st.npkts_in, st.nrelayed, st.ndropped = ints[b], ints[b + 1], ints[b + 2]
+        st.npkts_in, st.nrelayed, st.ndropped, st.nbytes = ints[b], ints[b + 1], ints[b + 2], ints[b + 3]
         st.last_rx = w.cnt.times[st.slot]
 
     def sync(self, session: Any) -> None:

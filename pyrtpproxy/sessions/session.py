@@ -61,6 +61,7 @@ class Stream:
     npkts_in: int = 0
     nrelayed: int = 0
     ndropped: int = 0
+    nbytes: int = 0  # bytes relayed (MediaProxy accounting)
     last_rx: float = -1e9
     # Per-stream options.
     tos: int | None = None
