@@ -476,13 +476,18 @@ class MediaProxyService:
     async def _mi_request(self, kind: str, addr: Any, data: bytes) -> bytes | None:
         if kind == "udp":
             fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-            sock = trio.socket.socket(fam, socket.SOCK_DGRAM)
+            raw = socket.socket(fam, socket.SOCK_DGRAM)
         else:
-            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        with sock:
-            if kind == "unix":
-                # an abstract address, so that OpenSIPS can answer
-                await sock.bind(f"\0pyrtpproxy-mi-{os.getpid()}-{self._mi_ids}")
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                # an abstract address (bound at once, no thread), so that
+                # OpenSIPS can answer
+                raw.bind(f"\0pyrtpproxy-mi-{os.getpid()}-{self._mi_ids}")
+            except BaseException:
+                raw.close()
+                raise
+        raw.setblocking(False)
+        with trio.socket.from_stdlib_socket(raw) as sock:
             await sock.sendto(data, addr)
             with trio.move_on_after(MI_TIMEOUT):
                 return await sock.recv(65536)
