@@ -125,6 +125,13 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="only re-render the tables, plot and Markdown from an earlier bench.json",
     )
+    p.add_argument(
+        "--netns",
+        action="store_true",
+        help="run the relay in its own network namespace behind a veth pair, so its core pays "
+        "its kernel work too (root; needed to measure --kernel, e.g. "
+        "--relay pyk=pyrtpproxy --relay-args pyk=--kernel)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
@@ -185,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         results_md=args.results_md,
         command_line=cmdline,
         quiet=args.quiet,
+        netns=args.netns,
     )
     run(opts)
     return 0

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import control
 from .generator import Generators, GenParams, build
-from .relays import RelayProcess, RelaySpec, pin_prefix, udp_drops
+from .relays import NET, RelayProcess, RelaySpec, pin_prefix, udp_drops
 
 
 @dataclass
@@ -61,6 +61,7 @@ class Options:
     results_md: Path | None = None
     command_line: str = ""
     quiet: bool = False
+    netns: bool = False  # relay in its own namespace behind a veth pair (bench/netns.py)
 
 
 def free_udp_port() -> int:
@@ -148,7 +149,7 @@ def control_bench(opts: Options, spec: RelaySpec, workdir: Path) -> dict:
         n = opts.control_sessions
         for clients in opts.control_clients:
             ids = control.CallIds(uuid.uuid4().hex[:8])
-            addr = ("127.0.0.1", relay.ctl_port)
+            addr = (NET.relay_ip, relay.ctl_port)
             # Endpoint addresses that nobody listens on: no media in this phase.
             a_ports = [40000 + (i % 10000) * 2 for i in range(n)]
             b_ports = [50000 + (i % 5000) * 2 for i in range(n)]
@@ -187,7 +188,11 @@ def control_bench(opts: Options, spec: RelaySpec, workdir: Path) -> dict:
 
 def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workdir: Path) -> dict:
     params = GenParams(
-        nsock=opts.gen_socks, warmup_ms=int(opts.warmup * 1000), duration_ms=int(opts.duration * 1000)
+        nsock=opts.gen_socks,
+        warmup_ms=int(opts.warmup * 1000),
+        duration_ms=int(opts.duration * 1000),
+        bind_ip=NET.gen_ip,
+        relay_ip=NET.relay_ip,
     )
     row: dict = {"relay": spec.label, "n": n}
     relay = RelayProcess.start(
@@ -203,7 +208,7 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
         gens = Generators(gen_cmd, params, opts.gen_procs, pin_prefix(opts.gen_cpu))
         eps = gens.endpoints(n)
         ids = control.CallIds(uuid.uuid4().hex[:8])
-        addr = ("127.0.0.1", relay.ctl_port)
+        addr = (NET.relay_ip, relay.ctl_port)
         u = control.run_phase("U", addr, control.offer_commands(ids, [e[2] for e in eps]), opts.ctl_clients)
         lph = control.run_phase(
             "L", addr, control.answer_commands(ids, [e[3] for e in eps]), opts.ctl_clients
@@ -223,9 +228,20 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
             raise RuntimeError(f"{spec.label}: no session could be set up (first reply {u.replies[0]!r})")
         gens.go(shards)
         gens.wait_start()
-        t0, cpu0, drops0 = time.monotonic(), relay.cpu_seconds(), udp_drops(opts.port_min, opts.port_max)
+        dpid = relay.pid if opts.netns else None
+        t0, cpu0, drops0 = (
+            time.monotonic(),
+            relay.cpu_seconds(),
+            udp_drops(opts.port_min, opts.port_max, dpid),
+        )
+        core0 = _core(opts)
         gens.wait_end()
-        t1, cpu1, drops1 = time.monotonic(), relay.cpu_seconds(), udp_drops(opts.port_min, opts.port_max)
+        t1, cpu1, drops1 = (
+            time.monotonic(),
+            relay.cpu_seconds(),
+            udp_drops(opts.port_min, opts.port_max, dpid),
+        )
+        core1 = _core(opts)
         rss = relay.rss()
         results = gens.results(timeout=opts.warmup + opts.duration + 30)
         d = control.run_phase("D", addr, control.delete_commands(ids, n), opts.ctl_clients)
@@ -277,6 +293,12 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
             "window_s": round(wall, 3),
         }
     )
+    if core0 is not None and core1 is not None:
+        # The relay's whole core: with --netns it carries the relay's kernel work too
+        # (the forwarding, for --kernel), and nothing else on a quiet machine.
+        core = core1 - core0
+        row["core_cpu_pct"] = round(100.0 * core / wall, 1) if wall > 0 else None
+        row["core_us_per_pkt"] = round(core / recv * 1e6, 2) if recv else None
     for k in ("lat_p50_ms", "lat_p90_ms", "lat_p99_ms"):
         if row[k] is not None:
             # JSON has no infinity: a percentile beyond the histogram is written as its range, flagged.
@@ -285,14 +307,41 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
     return row
 
 
+def _core(opts: Options) -> float | None:
+    if opts.relay_cpu is None:
+        return None
+    from .netns import core_busy_seconds
+
+    try:
+        return core_busy_seconds(opts.relay_cpu)
+    except (OSError, ValueError):
+        return None
+
+
 # ---- the whole run -------------------------------------------------------------
 
 
 def run(opts: Options) -> dict:
-    from . import report
 
     opts.out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(opts)  # before the harness pins itself
+    net = None
+    if opts.netns:
+        from .netns import GEN_IP, RELAY_IP, BenchNet
+
+        net = BenchNet(opts.relay_cpu, opts.gen_cpu)
+        net.enter_gen()  # the harness and the generators: namespace G
+        NET.relay_ip, NET.gen_ip, NET.relay_prefix = RELAY_IP, GEN_IP, tuple(net.relay_prefix())
+    try:
+        return _run(opts, machine)
+    finally:
+        if net is not None:
+            net.close()
+
+
+def _run(opts: Options, machine: dict) -> dict:
+    from . import report
+
     if opts.gen_cpu is not None:
         # The harness (control clients, bookkeeping) stays off the relay's CPU.
         try:
@@ -306,6 +355,12 @@ def run(opts: Options) -> dict:
         "date": started.isoformat(timespec="seconds"),
         "command": opts.command_line,
         "machine": machine,
+        "topology": (
+            f"netns: relay {NET.relay_ip} and load {NET.gen_ip} in two namespaces joined by a veth pair, "
+            "RPS of each end on its own CPU"
+            if opts.netns
+            else "loopback"
+        ),
         "pinning": {
             "relay": f"taskset -c {opts.relay_cpu}" if opts.relay_cpu is not None else "none",
             "generator": f"taskset -c {opts.gen_cpu}" if opts.gen_cpu is not None else "none",

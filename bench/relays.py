@@ -28,6 +28,18 @@ import psutil
 from .control import ControlClient
 
 
+@dataclass
+class Net:
+    """Where the relay runs: loopback (default) or its namespace (``--netns``)."""
+
+    relay_ip: str = "127.0.0.1"
+    gen_ip: str = "127.0.0.1"
+    relay_prefix: tuple[str, ...] = ()  # nsenter into the relay's namespace
+
+
+NET = Net()
+
+
 @dataclass(frozen=True)
 class RelaySpec:
     label: str
@@ -59,8 +71,8 @@ class RelaySpec:
                 "--log-stderr",
                 "--log-level=3",
                 "--table=-1",
-                "--interface=127.0.0.1",
-                f"--listen-udp=127.0.0.1:{ctl_port}",
+                f"--interface={NET.relay_ip}",
+                f"--listen-udp={NET.relay_ip}:{ctl_port}",
                 f"--port-min={port_min}",
                 f"--port-max={port_max}",
                 "--num-threads=1",
@@ -71,9 +83,9 @@ class RelaySpec:
             "-f",
             "-F",
             "-s",
-            f"udp:127.0.0.1:{ctl_port}",
+            f"udp:{NET.relay_ip}:{ctl_port}",
             "-l",
-            "127.0.0.1",
+            NET.relay_ip,
             "-m",
             str(port_min),
             "-M",
@@ -139,7 +151,7 @@ class RelayProcess:
         log_path: Path,
         ready_timeout: float = 20.0,
     ) -> RelayProcess:
-        argv = pin_prefix(cpu) + spec.command(ctl_port, port_min, port_max)
+        argv = list(NET.relay_prefix) + pin_prefix(cpu) + spec.command(ctl_port, port_min, port_max)
         log = open(log_path, "ab")
         try:
             proc = subprocess.Popen(
@@ -162,7 +174,7 @@ class RelayProcess:
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        c = ControlClient(("127.0.0.1", self.ctl_port), timeout=0.2, retries=0)
+        c = ControlClient((NET.relay_ip, self.ctl_port), timeout=0.2, retries=0)
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -230,11 +242,14 @@ class RelayProcess:
         return self.proc.returncode
 
 
-def udp_drops(port_min: int, port_max: int) -> int:
-    """Sum of the kernel's receive-queue drops over 127.0.0.1 UDP sockets bound in the range."""
+def udp_drops(port_min: int, port_max: int, pid: int | None = None) -> int:
+    """Sum of the kernel's receive-queue drops over UDP sockets bound in the range.
+
+    ``pid``: read that process's network namespace (the relay's, with --netns).
+    """
     total = 0
     try:
-        with open("/proc/net/udp") as f:
+        with open(f"/proc/{pid}/net/udp" if pid else "/proc/net/udp") as f:
             next(f)
             for line in f:
                 parts = line.split()

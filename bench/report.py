@@ -43,6 +43,8 @@ STEP_COLS = [
     ("p99", "lat_p99_ms", "{:.2f}"),
     ("relay CPU %", "relay_cpu_pct", "{:.1f}"),
     ("µs CPU/pkt", "us_per_pkt", "{:.2f}"),
+    ("core CPU %", "core_cpu_pct", "{:.1f}"),
+    ("core µs/pkt", "core_us_per_pkt", "{:.2f}"),
     ("RSS MB", "rss_mb", "{:.0f}"),
     ("kernel drops", "relay_rx_drops", "{}"),
     ("U/s", None, None),
@@ -108,7 +110,17 @@ def max_table(res: dict) -> list[list[str]]:
     crit = "max N at ≤ %.2g %% loss" % p["max_loss_pct"]
     if p.get("late_ms") is not None:
         crit += " (late > %g ms = lost)" % p["late_ms"]
-    rows = [["relay", "version", crit, "µs CPU/pkt at that N", "relay CPU % at that N", "first failing N"]]
+    rows = [
+        [
+            "relay",
+            "version",
+            crit,
+            "µs CPU/pkt at that N",
+            "relay CPU % at that N",
+            "core µs/pkt at that N",
+            "first failing N",
+        ]
+    ]
     for label, n in res["max_n"].items():
         at = [r for r in res["steps"] if r["relay"] == label and r["n"] == n and r.get("ok")]
         fail = [r for r in res["steps"] if r["relay"] == label and not r.get("ok")]
@@ -126,6 +138,7 @@ def max_table(res: dict) -> list[list[str]]:
                 str(n) if n else "< first step",
                 _f(at[-1]["us_per_pkt"] if at else None),
                 _f(at[-1]["relay_cpu_pct"] if at else None, "{:.0f}"),
+                _f(at[-1].get("core_us_per_pkt") if at else None),
                 fail_txt,
             ]
         )
