@@ -380,3 +380,39 @@ def test_kernel_as_unprivileged_user_exits(tmp_path):
         assert b"--kernel: can't set up nftables table inet pyrtpproxy" in out, out
     finally:
         topo.close()
+
+
+def test_hup_drain_keeps_kernel_calls_until_deleted_then_cleans_up(relay):
+    call = Call(relay)
+    call.latch()
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: relay.cmd("U c9 10.71.1.2 7000 x").startswith("E"), "the drain to refuse new calls")
+    with stopped(relay.proc):
+        call.a_to_b(5)  # the call still flows, in the kernel
+    assert relay.nflows() == 2
+    assert relay.cmd("D c1 ft tt") == "0"
+    assert relay.proc.wait(DEADLINE) == 0  # drained: the relay exits
+    relay.log.close()
+    assert relay.table() is None
+    call.close()
+
+
+def test_asymmetric_call_stays_in_userspace(relay):
+    pu = int(relay.cmd(f"UA c1 {A_ADDR} 5002 ft").split()[0])
+    pl = int(relay.cmd(f"LA c1 {B_ADDR} 6000 ft tt").split()[0])
+    topo = relay.topo
+    a, b = topo.udp(topo.a, A_ADDR, 5002), topo.udp(topo.b, B_ADDR, 6000)
+    for i in range(3):
+        a.sendto(rtp(i, 0xAAAA), (RA_ADDR, pl))
+        assert b.recvfrom(2048)[1] == (RB_ADDR, pu)
+        b.sendto(rtp(i, 0xBBBB), (RB_ADDR, pu))
+        assert a.recvfrom(2048)[1] == (RA_ADDR, pl)
+    # A symmetric call latched after it: once that one is in the kernel, the
+    # asymmetric one (touched first, on its latch) was decided too.
+    a.close()
+    b.close()
+    call = Call(relay, "c2", a_port=5010)
+    call.latch()
+    assert str(pl) not in json.dumps(relay.table()["in4"])
+    assert relay.nflows() == 2
+    call.close()
