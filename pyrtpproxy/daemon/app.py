@@ -206,6 +206,7 @@ def settings_from_config(cfg: Any) -> Settings:
         notify_targets=tuple(cfg.notify_targets),
         endpoint_learning=cfg.endpoint_learning,
         strict_source=cfg.strict_source,
+        analyze=cfg.analyze,
     )
 
 
@@ -279,6 +280,9 @@ def run(cfg: Any) -> int:
             workers = 0
         if workers and getattr(cfg, "kernel", None):
             log.warning("--kernel relays through the in-process engine: --workers ignored")
+            workers = 0
+        if workers and cfg.analyze:
+            log.warning("--analyze analyses every session in this process: --workers ignored")
             workers = 0
         server = Server(settings, bound, dup_small=cfg.dup_small, workers=workers)
         holder["server"] = server

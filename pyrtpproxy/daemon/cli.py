@@ -64,6 +64,7 @@ LONG_OPTS = [
     "strict-source",
     "mediaproxy=",
     "mediaproxy-mi=",
+    "analyze",
 ]
 _OPTIONAL_ARG_LONG = frozenset({"overload_prot", "kernel"})
 MONOTONIC_CLOCK_NAME = "CLOCK_MONOTONIC"  # what time.monotonic() reads on Linux
@@ -83,6 +84,7 @@ usage: {PROG} [-2abDfFiPRv] [-l addr|in/out|label@addr[=adv]]...
          [--endpoint-learning immediate|delayed|heuristic|off]
          [--strict-source]
          [--mediaproxy unix:path]... [--mediaproxy-mi unix:path|udp:host:port|none]
+         [--analyze]
        {PROG} -V | -v | -C
 """
 
@@ -431,6 +433,8 @@ def build_config(argv: Sequence[str]) -> Config:
                     kw["mediaproxy_mi"] = None if parse_mi_arg(arg) is None else arg
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
+            case "--analyze":
+                kw["analyze"] = True
             case _:  # pragma: no cover - getopt only returns declared options
                 raise UsageError(f"invalid option -- '{opt.lstrip('-')}'")
 

@@ -151,6 +151,7 @@ class Config:
     control_allow: tuple[str, ...] = ()  # --control-allow, normalised CIDRs
     mediaproxy_sockets: tuple[str, ...] = ()  # --mediaproxy: dispatcher socket paths
     mediaproxy_mi: str | None = "unix:/run/opensips/socket"  # --mediaproxy-mi (None: off)
+    analyze: bool = False  # --analyze: RTP analysis (rtpa_* counters) for every session
 
     @property
     def internal(self) -> BindAddr:

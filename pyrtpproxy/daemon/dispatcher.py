@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from ..media import streamhook as H
 from ..media.engine import MediaEngine, bind_pair
 from ..protocol import caps
 from ..protocol import commands as C
@@ -61,6 +62,7 @@ class Settings:
     notify_targets: tuple[str, ...] = ()
     endpoint_learning: str = "immediate"  # --endpoint-learning (sessions/latch.py)
     strict_source: bool = False  # --strict-source
+    analyze: bool = False  # --analyze: every session runs the RTP analyser
 
     def parse_env(self) -> C.ParseEnv:
         fams = {i.family for i in self.ifaces + self.labelled}
@@ -96,6 +98,9 @@ class Dispatcher:
 
         self.settings = settings
         self.engine = engine
+        # The in-process engine: it runs the slow-path jobs (streamhook) of
+        # the sessions that need them (those are never in a worker).
+        self.local_engine = getattr(engine, "local", engine)
         self.clock = clock
         self._parse = parse or parse_command
         self.env = settings.parse_env()
@@ -172,6 +177,8 @@ class Dispatcher:
         now = self.clock()
         t = type(cmd)
         if t is C.Update:
+            if self._needs_local(cmd):
+                await self._localize_for(cmd)
             return self.update(cmd, now, peer_host)
         if t is C.Version:
             return "20040107"
@@ -188,6 +195,11 @@ class Dispatcher:
         if t is C.Stats:
             return self.stats(cmd, now)
         if t is C.Query:
+            if any(name in _ANALYSIS_NAMES for name in cmd.names):
+                found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
+                if found is not None and not found[0].analyzed:
+                    await self.engine.localize(found[0])
+                    self._enable_analysis(found[0])
             return self.query(cmd, now)
         if t is C.Record:
             return await self.record(cmd, now)
@@ -312,7 +324,8 @@ class Dispatcher:
                 if self.draining:
                     raise RtppError(ECode.SLOWSHTDN)
                 s = Session.new(cmd.call_id, cmd.from_tag, now, sett.setup_ttl)
-                s.shard = self.engine.assign()
+                # a session that needs the slow path stays in this process
+                s.shard = None if self._needs_local(cmd) else self.engine.assign()
                 pidx = 0
                 new_session = True
             else:
@@ -338,6 +351,8 @@ class Dispatcher:
             self._allocate(rtp, other_iface, True)
             self.table.add(s)
             self.counters.nsess_created += 1
+            if sett.analyze:
+                self._enable_analysis(s)
             self.on_created(s)
             log.info(
                 "new %s session, tag %s; RTP port %d",
@@ -374,6 +389,17 @@ class Dispatcher:
             s.codecs_text[1 - pidx] = cmd.mods.codecs_text
         if cmd.mods.ptime is not None:
             s.ptime[1 - pidx] = cmd.mods.ptime
+        if s.shard is None and (cmd.mods.ptime is not None or party.hook is not None):
+            # Z<ms>: RTP from this command's party is re-packetised; a U/L
+            # without Z ends an earlier one (rtpproxy's rule)
+            self.engine.call(H.set_resizer, party, cmd.mods.ptime, self.local_engine)
+            if cmd.mods.ptime is not None:
+                log.info(
+                    "RTP packets from %s will be resized to %d milliseconds",
+                    "caller" if party.index == 1 else "callee",
+                    cmd.mods.ptime,
+                    extra={"callid": s.call_id},
+                )
         if not s.complete and s.rtp[0].sock is not None and s.rtp[1].sock is not None:
             s.complete = True
             self.counters.nsess_complete += 1
@@ -407,9 +433,15 @@ class Dispatcher:
         parts = [reply]
         pending = 0
         delete = False
+        # rtpproxy's sub-command environment: the stream facing the main
+        # command's party ("in") and the other; a && L swaps them.
+        tin = 1 - pidx
         for sub in cmd.subcommands:
             try:
-                if isinstance(sub, C.SubLookup):
+                if isinstance(sub, C.SubCopy):
+                    self._fork(sub, s, tin)
+                    pending += 1
+                elif isinstance(sub, C.SubLookup):
                     lk = C.Update(
                         lookup=True,
                         call_id=cmd.call_id,
@@ -427,6 +459,7 @@ class Dispatcher:
                     parts.extend(["0"] * pending)
                     pending = 0
                     parts.append(r)
+                    tin = 1 - tin
                 elif isinstance(sub, C.SubDelete):
                     delete = sub
                     pending += 1
@@ -446,6 +479,77 @@ class Dispatcher:
         if delete:
             self._delete_sessions([(s, 0)], delete.weak, now)
         return " && ".join(parts)
+
+    # ---- the slow path: analysis, Z, && C -----------------------------------------
+    def _needs_local(self, cmd: C.Update) -> bool:
+        """Whether this U/L makes its session use the slow path."""
+        if cmd.mods.ptime is not None or (self.settings.analyze and not cmd.lookup):
+            return True
+        return any(isinstance(sub, C.SubCopy) for sub in cmd.subcommands)
+
+    async def _localize_for(self, cmd: C.Update) -> None:
+        found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
+        if found is not None:
+            await self.engine.localize(found[0])
+        for sub in cmd.subcommands:
+            if isinstance(sub, C.SubCopy):
+                src = self.table.find(sub.call_id, sub.from_tag, sub.to_tag)
+                if src is not None:
+                    await self.engine.localize(src[0])
+
+    def _enable_analysis(self, s: Session) -> None:
+        s.analyzed = True
+        for st in s.rtp:
+            self.engine.call(H.enable_analysis, st, self.local_engine)
+        if self.kernel is not None:
+            self.engine.call(self.kernel.touch, s)  # the kernel lets go of it
+
+    def _fork(self, sub: C.SubCopy, s: Session, tin: int) -> None:
+        """``&& C call from to``: both streams of that session (RTP and
+        RTCP) are copied to this session's parties, whose own media is then
+        dropped; undone when this session ends."""
+        found = self.table.find(sub.call_id, sub.from_tag, sub.to_tag)
+        if found is None:
+            raise RtppError(ECode.SESUNKN)
+        src, sidx = found
+        if src is s or src.shard is not None or s.shard is not None:
+            raise RtppError(ECode.SESUNKN)
+        for pipe_src, pipe_tgt in ((src.rtp, s.rtp), (src.rtcp, s.rtcp)):
+            # packets received on the source's stream j leave through the
+            # target's stream j: injected into its peer
+            for j in (0, 1):
+                sj = pipe_src[sidx if j == 0 else 1 - sidx]
+                tj = pipe_tgt[tin if j == 0 else 1 - tin]
+                self.engine.call(H.add_fork, sj, tj.peer, self.local_engine)
+                s.forks.append((sj, tj.peer))
+            for st in pipe_tgt:
+                self.engine.call(H.set_drop_own, st, self.local_engine)
+        if self.kernel is not None:
+            self.engine.call(self.kernel.touch, src)  # the kernel lets go of it
+        log.info(
+            "forking session %s (tag %s) into this one", src.call_id, src.tag, extra={"callid": s.call_id}
+        )
+
+    def _teardown_hooks(self, s: Session) -> None:
+        """Before ``s``'s streams close: fold their analysis into the G
+        totals, drop resizer queues, and undo forks into ``s``."""
+        c = self.counters
+        for src, tgt in s.forks:
+            self.engine.call(H.remove_forks, src, tgt)
+        s.forks.clear()
+        for st in s.streams():
+            h = st.hook
+            if h is None:
+                continue
+            an = h.analyzer
+            if an is not None:
+                r = an.stats()
+                c.rtpa_nsent += r.nsent
+                c.rtpa_nrcvd += r.nrcvd
+                c.rtpa_ndups += r.ndups
+                c.rtpa_nlost += r.nlost
+                c.rtpa_perrs += r.perrs
+            self.engine.call(H.drop_hook, st, self.local_engine)
 
     # ---- D / X -----------------------------------------------------------------
     def _delete_sessions(self, matches: list, weak: bool, now: float) -> bool:
@@ -481,6 +585,8 @@ class Dispatcher:
         self.table.remove(s)
         if self.kernel is not None:
             self.kernel.touch(s)  # deleted: every rule of it goes
+        if s.shard is None:
+            self._teardown_hooks(s)
         if self.playback is not None:
             self.playback.session_gone(s)
         if self.recording is not None:
@@ -550,6 +656,12 @@ class Dispatcher:
         vals = {name: getattr(c, name, 0) for name in S.GLOBAL_COUNTERS}
         vals.update(npkts_rcvd=rcvd, npkts_relayed=relayed, npkts_discard=dropped, pps_in=pps)
         vals["pyrtpp_npkts_foreign"] = getattr(self.engine, "npkts_foreign", 0)
+        eng = self.local_engine
+        vals.update(
+            npkts_resizer_in=eng.npkts_resizer_in,
+            npkts_resizer_out=eng.npkts_resizer_out,
+            npkts_resizer_discard=eng.npkts_resizer_discard,
+        )
         return vals
 
     def stats(self, cmd: C.Stats, now: float) -> str:
@@ -577,6 +689,21 @@ class Dispatcher:
             "nrelayed": s.rtp[0].nrelayed + s.rtp[1].nrelayed,
             "ndropped": s.rtp[0].ndropped + s.rtp[1].ndropped,
         }
+        h = s.rtp[pidx].hook
+        an = h.analyzer if h is not None else None
+        if an is not None and any(name in _ANALYSIS_NAMES for name in cmd.names):
+            r = an.stats()
+            vals.update(
+                rtpa_nsent=r.nsent,
+                rtpa_nrcvd=r.nrcvd,
+                rtpa_ndups=r.ndups,
+                rtpa_nlost=r.nlost,
+                rtpa_perrs=r.perrs,
+                longest_ipi=r.longest_ipi,
+                rtpa_jlast=r.jlast,
+                rtpa_jmax=r.jmax,
+                rtpa_javg=r.javg,
+            )
         names = cmd.names or S.QUERY_DEFAULT
         out = []
         for name in names:
@@ -676,6 +803,22 @@ class Dispatcher:
         now = self.clock()
         for s in list(self.table):
             self.destroy(s, now)
+
+
+# Q counters that come from the RTP analyser (asking for one turns it on).
+_ANALYSIS_NAMES = frozenset(
+    {
+        "rtpa_nsent",
+        "rtpa_nrcvd",
+        "rtpa_ndups",
+        "rtpa_nlost",
+        "rtpa_perrs",
+        "longest_ipi",
+        "rtpa_jlast",
+        "rtpa_jmax",
+        "rtpa_javg",
+    }
+)
 
 
 # ---- jobs run in the media thread ---------------------------------------------------

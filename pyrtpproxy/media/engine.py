@@ -115,6 +115,10 @@ class MediaEngine:
         self.npkts_foreign = 0  # dropped by the latch rules (strangers)
         self.npkts_inactive = 0  # arrived before the session was complete
         self.errors = 0
+        # The re-packetiser's counters (streams with a Z, see streamhook).
+        self.npkts_resizer_in = 0
+        self.npkts_resizer_out = 0
+        self.npkts_resizer_discard = 0
         # Non-media fds served by the loop (a worker's control socket):
         # fd -> callable run when it is readable.
         self.others: dict[int, Callable[[], None]] = {}
@@ -242,6 +246,11 @@ class MediaEngine:
                 self.errors += 1
                 log.exception("media engine job failed")
 
+    def _hook_failed(self, st: Stream) -> None:
+        self.errors += 1
+        st.hook = None
+        log.exception("stream hook failed; the stream is relayed as it is")
+
     def _run(self) -> None:
         # A bug in one batch must not stop the relay: log, count, go on.
         while not self._stop:
@@ -324,6 +333,14 @@ class MediaEngine:
                             self.on_latch(st)
                     elif not st.is_rtcp and n >= 12:
                         st.seq = (buf[2] << 8) | buf[3]
+                    hook = st.hook
+                    if hook is not None:
+                        # the slow path: analysis, resizing, forks
+                        try:
+                            hook(st, mv, n, src, now)
+                        except Exception:
+                            self._hook_failed(st)
+                        continue
                     peer = st.peer
                     rec = st.rec
                     if rec is not None and not peer.muted:
@@ -358,5 +375,11 @@ class MediaEngine:
                         continue
                     st.nrelayed += 1
                     st.nbytes += n
+                hook = st.hook
+                if hook is not None:
+                    try:
+                        hook.drain(st, now)
+                    except Exception:
+                        self._hook_failed(st)
             if after_batch is not None:
                 after_batch(events)

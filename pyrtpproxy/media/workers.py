@@ -525,6 +525,19 @@ class ShardedEngine:
     def npkts_foreign(self) -> int:
         return self.local.npkts_foreign + sum(w.cnt.ints[H_FOREIGN] for w in self.workers)
 
+    # the slow path (streamhook) only runs in-process
+    @property
+    def npkts_resizer_in(self) -> int:
+        return self.local.npkts_resizer_in
+
+    @property
+    def npkts_resizer_out(self) -> int:
+        return self.local.npkts_resizer_out
+
+    @property
+    def npkts_resizer_discard(self) -> int:
+        return self.local.npkts_resizer_discard
+
     @property
     def npkts_inactive(self) -> int:
         return self.local.npkts_inactive + sum(w.cnt.ints[H_INACTIVE] for w in self.workers)

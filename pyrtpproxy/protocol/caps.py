@@ -12,30 +12,36 @@ import attrs
 
 BASE_VERSION = "20040107"
 
-# Notification-related codes: only claimed when at least one -n was given.
-_NEEDS_NOTIFY = frozenset({"20081224", "20150617"})
+# Only 20081224 (timeout notifications) depends on -n, as in rtpproxy.
+_NEEDS_NOTIFY = frozenset({"20081224"})
 
 IMPLEMENTED: frozenset[str] = frozenset(
     {
         "20040107",
         "20050322",  # Kamailio refuses the proxy without it
         "20060704",
+        "20071116",  # Z (re-packetisation)
         "20071218",  # C (copy to a file or to udp:host:port)
         "20080403",
         "20081102",
         "20081224",  # timeout notifications (only answered 1 with -n)
         "20090810",
         "20140323",
+        "20140617",  # claimed as rtpproxy claims it (it enables nothing else)
         "20141004",
         "20150330",
-        "20150617",  # %%CC_SELF%% notify targets (only answered 1 with -n)
+        "20150420",  # sequence tracking, rtpa_* counters, named Q counters
+        "20150617",  # %%CC_SELF%% notify targets (answered 1 with or without -n)
         "20191015",
         "20200226",  # N (stop recording)
+        "20230205",  # rtpa_nlost
         "20230314",
+        "20230424",  # longest_ipi, rtpa_jlast, rtpa_jmax, rtpa_javg
         "20250523",  # Cp (reply with the copy's local port)
         "20251015",
         "20260306",
         "20260308",
+        "20260309",  # U ... && C (forking another session's streams)
     }
 )
 

@@ -81,7 +81,17 @@ class SubSet:
     tos: int | None = None
 
 
-SubCommand = SubLookup | SubDelete | SubSet
+@attrs.frozen
+class SubCopy:
+    """``&& C call-id from-tag to-tag``: fork both streams of that session
+    into this one (20260309)."""
+
+    call_id: str
+    from_tag: str
+    to_tag: str
+
+
+SubCommand = SubLookup | SubDelete | SubSet | SubCopy
 
 
 @attrs.frozen

@@ -39,6 +39,7 @@ from .commands import (
     Stats,
     StopPlay,
     SubCommand,
+    SubCopy,
     SubDelete,
     SubLookup,
     SubSet,
@@ -530,8 +531,14 @@ def _parse_sub(args: list[bytes], main: str, has_to_tag: bool, env: ParseEnv) ->
         except RtppError:
             raise _err(_E.PARSE_SUBC) from None
         return SubLookup(addr=_s(args[1]), port=_s(args[2]), remote=remote, on_hold=on_hold, mods=_mods)
-    # "&& C call from to" (20260309) and "&& M<mod>:<inst>" (modules) are
-    # not provided; anything else is not a sub-command.
+    if kind == b"c":
+        # "&& C call from to" (20260309): only after a U that has a to-tag,
+        # the word exactly one letter, three non-empty arguments
+        if main != "U" or not has_to_tag or len(args) != 4 or len(word) != 1:
+            raise _err(_E.PARSE_SUBC)
+        return SubCopy(call_id=_s(args[1]), from_tag=_s(args[2]), to_tag=_s(args[3]))
+    # "&& M<mod>:<inst>" (modules) is not provided; anything else is not a
+    # sub-command.
     raise _err(_E.PARSE_SUBC)
 
 

@@ -50,6 +50,7 @@ def _stream_ok(st: Any) -> bool:
         and not st.on_hold
         and not st.muted
         and st.rec is None
+        and st.hook is None  # analysed, re-packetised or forked: the slow path
         and r is not None
         and r[1] != 0
         and r[0] not in ("0.0.0.0", "")
@@ -70,7 +71,7 @@ def userspace_reason(s: Any, *, dup_small: bool = False) -> str | None:
         return "playing"
     a, b = s.rtp
     if not (_stream_ok(a) and _stream_ok(b)):
-        return "not latched, asymmetric, IPv6, muted or recorded"
+        return "not latched, asymmetric, IPv6, muted, recorded or on the slow path"
     if a.laddr != b.laddr:
         return "bridged"
     return None

@@ -57,6 +57,7 @@ class Stream:
     rtcp_twin: Stream | None = None  # for an RTP stream, its RTCP stream
     muted: bool = False  # a prompt plays towards this stream's party
     rec: Any = None  # recorder hook: rec(packet_bytes, src, stream)
+    hook: Any = None  # the slow path (media.streamhook.StreamHook) or None
     # Counters (written by the media thread only).
     npkts_in: int = 0
     nrelayed: int = 0
@@ -105,6 +106,9 @@ class Session:
     deleted: bool = False
     shard: int | None = None  # media worker process serving it (None: in-process)
     kernel_hold: int = 0  # >0: a command (R, C, P) keeps its packets in userspace
+    analyzed: bool = False  # its RTP streams run the analyser (rtpa_* counters)
+    # Forks into this session (U ... && C): (source stream, target stream).
+    forks: list = attrs.Factory(list)
 
     @classmethod
     def new(cls, call_id: str, tag: str, now: float, ttl: float) -> Session:

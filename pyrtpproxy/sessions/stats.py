@@ -49,3 +49,9 @@ class Counters:
     ncmds_succd: int = 0
     ncmds_errs: int = 0
     ncmds_repld: int = 0
+    # Summed from each analysed RTP stream when its session ends (rtpproxy's rule).
+    rtpa_nsent: int = 0
+    rtpa_nrcvd: int = 0
+    rtpa_ndups: int = 0
+    rtpa_nlost: int = 0
+    rtpa_perrs: int = 0

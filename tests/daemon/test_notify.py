@@ -230,7 +230,7 @@ async def test_vf_and_e75_follow_minus_n(nursery, tmp_path):
     relay, n = await start(nursery, [])
     assert n is None
     assert await relay.cmd("VF 20081224") == "0"
-    assert await relay.cmd("VF 20150617") == "0"
+    assert await relay.cmd("VF 20150617") == "1"  # only 20081224 follows -n
     assert await relay.cmd("U e 127.0.0.1 30000 f unix:/x tag") == "E75"
     assert await relay.cmd("U e 127.0.0.1 30000 f t unix:/x tag") == "E75"
     relay2, n2 = await start(nursery, [f"unix:{tmp_path}/n.sock"])

@@ -67,11 +67,20 @@ def test_unknown_codes() -> None:
         assert not supports(code, notify=False)
 
 
-def test_notifications_need_dash_n() -> None:
+def test_only_20081224_needs_dash_n() -> None:
+    # rtpproxy's handle_ver_feature special-cases 20081224 alone
     assert not supports("20081224", notify=False)
-    assert supports("20081224", notify=True) == ("20081224" in IMPLEMENTED)
-    assert not supports("20150617", notify=False)
-    assert supports("20150617", notify=True) == ("20150617" in IMPLEMENTED)
+    assert supports("20081224", notify=True)
+    assert supports("20150617", notify=False)
+    assert supports("20150617", notify=True)
+
+
+def test_every_rtpproxy_code_is_claimed() -> None:
+    # rtpproxy 3.2 answers VF 1 for every code of its table (20081224 with -n)
+    assert set(PROTOCOL_CODES) == IMPLEMENTED
+    for code in PROTOCOL_CODES:
+        assert supports(code, notify=True)
+        assert supports(code, notify=False) == (code != "20081224")
 
 
 def test_notify_code_when_implemented(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,7 +88,6 @@ def test_notify_code_when_implemented(monkeypatch: pytest.MonkeyPatch) -> None:
     assert supports("20081224", notify=True)
     assert not supports("20081224", notify=False)
     assert supports("20150617", notify=True)
-    assert not supports("20150617", notify=False)
 
 
 def test_known_but_not_implemented_answers_0() -> None:
