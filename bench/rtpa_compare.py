@@ -29,7 +29,9 @@ TIMING = "longest_ipi rtpa_jlast rtpa_jmax rtpa_javg"
 GNAMES = "rtpa_nsent rtpa_nrcvd rtpa_ndups rtpa_nlost rtpa_perrs npkts_resizer_in npkts_resizer_out npkts_resizer_discard"
 
 
-def rtp(seq: int, ts: int, ssrc: int = 0x1234, pt: int = 0, payload: bytes = b"\xd5" * 160, m: bool = False) -> bytes:
+def rtp(
+    seq: int, ts: int, ssrc: int = 0x1234, pt: int = 0, payload: bytes = b"\xd5" * 160, m: bool = False
+) -> bytes:
     return struct.pack("!BBHII", 0x80, pt | (0x80 if m else 0), seq & 0xFFFF, ts & 0xFFFFFFFF, ssrc) + payload
 
 
@@ -52,7 +54,11 @@ def scenarios() -> list[tuple[str, str, list[tuple[float, bytes]]]]:
     out.append(("ssrc change", "", ssrc))
     marker = _seqs(range(500, 510)) + [(0.02, rtp(s, s * 160, m=(s == 20))) for s in range(20, 30)]
     out.append(("marker seq reset", "", marker))
-    bad = _seqs(range(600, 605)) + [(0.02, b"\x80\x00\x01"), (0.02, b"\x40" + b"\x00" * 20), (0.02, b"\x81\xc8" + b"\x00" * 30)]
+    bad = _seqs(range(600, 605)) + [
+        (0.02, b"\x80\x00\x01"),
+        (0.02, b"\x40" + b"\x00" * 20),
+        (0.02, b"\x81\xc8" + b"\x00" * 30),
+    ]
     out.append(("parse errors", "", bad + _seqs(range(605, 610))))
     jit = []
     for i, s in enumerate(range(700, 760)):
@@ -60,11 +66,25 @@ def scenarios() -> list[tuple[str, str, list[tuple[float, bytes]]]]:
     out.append(("jitter", "", jit))
     gap = _seqs(range(800, 810)) + [(0.35, rtp(810, 810 * 160))] + _seqs(range(811, 815))
     out.append(("long gap", "", gap))
-    out.append(("Z20 from 10 ms", "Z20", [(0.01, rtp(s, s * 80, payload=b"\x11" * 80)) for s in range(1000, 1040)]))
-    out.append(("Z10 from 30 ms", "Z10", [(0.03, rtp(s, s * 240, payload=b"\x22" * 240)) for s in range(2000, 2015)]))
-    out.append(("Z40 PCMA 20 ms", "Z40", [(0.02, rtp(s, s * 160, pt=8, payload=b"\x33" * 160)) for s in range(3000, 3030)]))
     out.append(
-        ("Z30 G729 10 ms", "Z30", [(0.01, rtp(s, s * 80, pt=18, payload=b"\x44" * 10)) for s in range(4000, 4030)])
+        ("Z20 from 10 ms", "Z20", [(0.01, rtp(s, s * 80, payload=b"\x11" * 80)) for s in range(1000, 1040)])
+    )
+    out.append(
+        ("Z10 from 30 ms", "Z10", [(0.03, rtp(s, s * 240, payload=b"\x22" * 240)) for s in range(2000, 2015)])
+    )
+    out.append(
+        (
+            "Z40 PCMA 20 ms",
+            "Z40",
+            [(0.02, rtp(s, s * 160, pt=8, payload=b"\x33" * 160)) for s in range(3000, 3030)],
+        )
+    )
+    out.append(
+        (
+            "Z30 G729 10 ms",
+            "Z30",
+            [(0.01, rtp(s, s * 80, pt=18, payload=b"\x44" * 10)) for s in range(4000, 4030)],
+        )
     )
     z_loss = [(0.02, rtp(s, s * 160, payload=b"\x55" * 160)) for s in range(5000, 5030) if s % 6 != 2]
     out.append(("Z40 with loss", "Z40", z_loss))
@@ -140,8 +160,15 @@ def run_scenario(argv_for, name: str, zmod: str, pkts) -> dict:
         relay.cmd("D cmp fA tB")
         g = relay.cmd(f"Gv {GNAMES}")
         del pu
-        out = [(len(p) - 12, struct.unpack("!H", p[2:4])[0], struct.unpack("!I", p[4:8])[0]) for p in got]
-        return {"Q": dict(kv.split("=") for kv in q.split()), "G": dict(kv.split("=") for kv in g.split()), "out": out}
+        out = [
+            (len(p) - 12, *struct.unpack("!HI", p[2:8])) if len(p) >= 12 else (len(p) - 12, -1, -1)
+            for p in got
+        ]
+        return {
+            "Q": dict(kv.split("=") for kv in q.split()),
+            "G": dict(kv.split("=") for kv in g.split()),
+            "out": out,
+        }
     finally:
         a.close()
         b.close()
@@ -157,9 +184,11 @@ def _free_port() -> int:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rtpproxy", required=True)
-    ap.add_argument("--pyrtpproxy", default=f"{sys.executable} -m pyrtpproxy", help="command line (split on spaces)")
+    ap.add_argument(
+        "--pyrtpproxy", default=f"{sys.executable} -m pyrtpproxy", help="command line (split on spaces)"
+    )
     ap.add_argument("--json")
-    ap.add_argument("--only")
+    ap.add_argument("--only", help="comma-separated parts of scenario names")
     args = ap.parse_args()
     common = ["-f", "-F", "-l", "127.0.0.1", "-m", "47000", "-M", "47998", "-d", "ERR"]
 
@@ -172,7 +201,7 @@ def main() -> int:
     results = {}
     bad = 0
     for name, zmod, pkts in scenarios():
-        if args.only and args.only not in name:
+        if args.only and not any(o in name for o in args.only.split(",")):
             continue
         r = run_scenario(real, name, zmod, pkts)
         p = run_scenario(ours, name, zmod, pkts)

@@ -525,7 +525,8 @@ class Dispatcher:
             for st in pipe_tgt:
                 self.engine.call(H.set_drop_own, st, self.local_engine)
         if self.kernel is not None:
-            self.engine.call(self.kernel.touch, src)  # the kernel lets go of it
+            for sess in (src, s):  # the kernel lets go of both
+                self.engine.call(self.kernel.touch, sess)
         log.info(
             "forking session %s (tag %s) into this one", src.call_id, src.tag, extra={"callid": s.call_id}
         )
