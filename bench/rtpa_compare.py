@@ -116,7 +116,7 @@ class Relay:
         while True:
             try:
                 data = self.sock.recv(65535)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(text) from None
             c, _, reply = data.decode().partition(" ")
             if c == cookie:
@@ -154,7 +154,7 @@ def run_scenario(argv_for, name: str, zmod: str, pkts) -> dict:
         while True:
             try:
                 got.append(b.recv(65535))
-            except socket.timeout:
+            except TimeoutError:
                 break
         q = relay.cmd(f"Qv cmp fA tB {COUNTERS} {TIMING}")
         relay.cmd("D cmp fA tB")
