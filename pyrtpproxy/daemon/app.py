@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from ..media.engine import MediaEngine
+from ..protocol.framing import ReplyCache
 from ..sessions import latch
 from . import control
 from .dispatcher import Dispatcher, Iface, Settings
@@ -49,6 +50,9 @@ class Server:
         self.dispatcher = Dispatcher(settings, self.engine, clock=clock)
         self.bound = list(bound)
         self.clock = clock
+        # One retransmission cache for every UDP control socket (bounded:
+        # see ReplyCache); kept here so that it can be looked at.
+        self.reply_cache = ReplyCache()
         self._timer_wake = trio.Event() if _in_trio() else None
         self._done: trio.Event | None = None
         self._cancel: trio.CancelScope | None = None
@@ -87,7 +91,13 @@ class Server:
             self.close()
 
     async def _serve_one(self, b: Any, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await control.serve(b, self.dispatcher, task_status=task_status, on_eof=self._on_stdio_eof(b))
+        await control.serve(
+            b,
+            self.dispatcher,
+            task_status=task_status,
+            on_eof=self._on_stdio_eof(b),
+            reply_cache=self.reply_cache,
+        )
 
     def _on_stdio_eof(self, b: Any) -> Callable[[], None]:
         def eof() -> None:
