@@ -28,8 +28,13 @@ Policies chosen here (rtpproxy's behaviour unless said otherwise):
 * A stream line longer than 8191 bytes closes that connection (rtpproxy: its
   8 KiB buffer fills and the connection is dropped). On stdio it ends the
   service like EOF does.
-* At most ``max_connections`` (100) connections per listening socket; past
-  that, new connections are accepted and closed at once.
+* At most ``max_connections`` (100) connections per listening socket. When a
+  new one arrives and all are taken, the connection that has been idle the
+  longest (no command for the longest time, none running) is closed to make
+  room; only when every one is running a command is the newcomer closed at
+  once. rtpproxy refuses the newcomer instead: then whoever opens 100 idle
+  connections (or trickles a byte a second on each) locks the controllers
+  out until they go away.
 * ``unix:`` connections get ``oneshot_timeout`` (10 s) to send their command
   and to take the reply; then they are closed. Persistent connections have no
   idle timeout (OpenSIPS keeps ``cunix``/``tcp`` connections open for ever).
@@ -85,8 +90,13 @@ MAX_CONNECTIONS = 100
 ONESHOT_TIMEOUT = 10.0
 #: Listen backlog of stream sockets (rtpproxy: 32).
 LISTEN_BACKLOG = 32
-#: SO_RCVBUF of UDP and TCP control sockets (rtpproxy: 16 KiB).
+#: SO_RCVBUF of TCP control sockets (rtpproxy: 16 KiB).
 CONTROL_RCVBUF = 16 * 1024
+#: SO_RCVBUF of UDP control sockets.  rtpproxy asks for 16 KiB (32 KiB once
+#: the kernel doubles it): one 64 KB datagram waiting to be read then makes
+#: the kernel drop every other datagram, a well-formed controller's too.
+#: 208 KiB (Linux's usual rmem_max) holds a few such datagrams and a burst.
+CONTROL_UDP_RCVBUF = 208 * 1024
 #: First fd passed by systemd socket activation.
 SD_LISTEN_FDS_START = 3
 #: Sent when the handler raises.
@@ -377,7 +387,8 @@ def _bind_inet(spec: ControlSpec, socktype: int, no_resolve: bool) -> socket.soc
         if socktype == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CONTROL_RCVBUF)
+            size = CONTROL_UDP_RCVBUF if socktype == socket.SOCK_DGRAM else CONTROL_RCVBUF
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
         except OSError as e:  # pragma: no cover - not expected on Linux
             log.error("unable to set 16K receive buffer size on controlfd: %s", e)
         try:
@@ -465,7 +476,7 @@ def bind_control(
 ) -> BoundControl:
     """Create the socket(s) for ``spec``; synchronous, call before Trio runs.
 
-    * udp/udp6: datagram socket, SO_RCVBUF 16 KiB, IPV6_V6ONLY for udp6.
+    * udp/udp6: datagram socket, SO_RCVBUF 208 KiB, IPV6_V6ONLY for udp6.
     * tcp/tcp6: listening socket (backlog 32, SO_REUSEADDR, V6ONLY for tcp6).
     * unix/cunix: an existing path is removed only if it is a socket;
       ``owner`` ``(uid, gid)`` is applied with chown (-1 keeps one) and then
@@ -632,9 +643,34 @@ async def _sendto(sock: trio.socket.SocketType, data: bytes, addr: Any) -> None:
 
 
 @attrs.define(eq=False)
+class _Conn:
+    """One accepted connection: what eviction looks at."""
+
+    scope: trio.CancelScope
+    last: float  # trio time of accept or of the last command
+    busy: bool = False  # a command is running
+
+
+@attrs.define(eq=False)
 class _ConnCount:
-    active: int = 0
+    conns: dict[int, _Conn] = attrs.Factory(dict)
+    ids: int = 0
+    evicted: int = 0
     full_logged: bool = False
+
+    @property
+    def active(self) -> int:
+        return len(self.conns)
+
+    def evict_idlest(self) -> bool:
+        """Close the connection idle the longest; False if all are busy."""
+        idle = [(c.last, k) for k, c in self.conns.items() if not c.busy]
+        if not idle:
+            return False
+        _, k = min(idle)
+        self.conns.pop(k).scope.cancel()
+        self.evicted += 1
+        return True
 
 
 async def _serve_listener(
@@ -664,16 +700,27 @@ async def _serve_listener(
                 await trio.sleep(0.1)
                 continue
             if count.active >= max_connections:
-                conn.close()
-                if not count.full_logged:
+                if not count.evict_idlest():
+                    conn.close()
+                    if not count.full_logged:
+                        log.warning(
+                            "control socket %s: %d connections open, all busy, refusing more",
+                            bound.spec,
+                            count.active,
+                        )
+                        count.full_logged = True
+                    continue
+                if count.evicted & (count.evicted - 1) == 0:
+                    # a bounded log: the 1st, 2nd, 4th, 8th... eviction
                     log.warning(
-                        "control socket %s: %d connections open, refusing more",
+                        "control socket %s: %d connections open, closed the one idle the longest (%d so far)",
                         bound.spec,
-                        count.active,
+                        max_connections,
+                        count.evicted,
                     )
-                    count.full_logged = True
-                continue
-            count.active += 1
+            count.ids += 1
+            entry = _Conn(trio.CancelScope(), trio.current_time())
+            count.conns[count.ids] = entry
             peer = LOCAL_PEER if is_unix else _peer_host(addr)
             nursery.start_soon(
                 _conn_wrapper,
@@ -682,6 +729,7 @@ async def _serve_listener(
                 handler,
                 peer,
                 count,
+                count.ids,
                 max_connections,
                 oneshot_timeout,
             )
@@ -693,18 +741,42 @@ async def _conn_wrapper(
     handler: CommandHandler,
     peer: str,
     count: _ConnCount,
+    key: int,
     max_connections: int,
     oneshot_timeout: float,
 ) -> None:
+    entry = count.conns[key]
     try:
-        await fn(trio.SocketStream(conn), handler, peer, oneshot_timeout)
+        with entry.scope:
+            await fn(trio.SocketStream(conn), _Tracked(handler, entry), peer, oneshot_timeout)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
         log.debug("control connection from %s: %s", peer, e)
     finally:
         conn.close()
-        count.active -= 1
+        if count.conns.get(key) is entry:
+            del count.conns[key]
         if count.active < max_connections:
             count.full_logged = False
+
+
+class _Tracked:
+    """The handler as one connection sees it: marks the connection busy
+    while its command runs (not evicted then) and notes when it last ran one."""
+
+    def __init__(self, handler: CommandHandler, entry: _Conn) -> None:
+        self._handler = handler
+        self._entry = entry
+        self.note_received = handler.note_received
+        self.note_duplicate = handler.note_duplicate
+
+    async def handle(self, data: bytes, peer_host: str | None) -> bytes:
+        e = self._entry
+        e.busy = True
+        try:
+            return await self._handler.handle(data, peer_host)
+        finally:
+            e.busy = False
+            e.last = trio.current_time()
 
 
 async def _oneshot_conn(

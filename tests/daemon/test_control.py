@@ -449,8 +449,11 @@ async def test_udp6(nursery, handler):
 
 def test_udp_rcvbuf_and_nonblocking():
     with bind_control(parse_control_url("udp:127.0.0.1:0")) as b:
-        # Linux doubles the value it is given
-        assert b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) in (16384, 32768)
+        # Linux doubles the value it is given (capped by net.core.rmem_max)
+        got = b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        with open("/proc/sys/net/core/rmem_max") as f:
+            cap = int(f.read())
+        assert got == 2 * min(208 * 1024, cap)
         assert not b.sock.getblocking()
         assert b.mode == "datagram"
 
@@ -679,7 +682,10 @@ async def test_stream_overlong_line_closes(nursery, handler):
             nursery.cancel_scope.cancel()
 
 
-async def test_stream_connection_cap(nursery, handler, sockdir):
+async def test_stream_connection_cap_closes_the_idlest(nursery, handler, sockdir):
+    """Full: a newcomer is served and the connection idle the longest is
+    closed for it (rtpproxy would close the newcomer: 100 idle connections
+    would lock the controllers out)."""
     path = os.path.join(sockdir, "c.sock")
     with trio.fail_after(TIMEOUT):
         bound = bind_control(parse_control_url(f"cunix:{path}"))
@@ -691,19 +697,54 @@ async def test_stream_connection_cap(nursery, handler, sockdir):
                 await s.send_all(b"V\n")
                 assert await read_exactly_lines(s, 1) == b"20040107\n"
                 conns.append(s)
+            # conns[1] is the one idle the longest once conns[0] and [2] ran a command
+            for c in (conns[0], conns[2]):
+                await c.send_all(b"V\n")
+                assert await read_exactly_lines(c, 1) == b"20040107\n"
+            extra = await stream_connect(path, socket.AF_UNIX)
+            await extra.send_all(b"V\n")
+            assert await read_exactly_lines(extra, 1) == b"20040107\n"
+            assert await read_until_eof(conns[1]) == b""  # evicted
+            for c in (conns[0], conns[2], extra):  # the others still work
+                await c.send_all(b"V\n")
+                assert await read_exactly_lines(c, 1) == b"20040107\n"
+            for c in conns + [extra]:
+                await c.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_stream_connection_cap_when_all_are_busy(nursery, sockdir):
+    """Every connection running a command: the newcomer is closed at once."""
+    gate = trio.Event()
+
+    class Slow:
+        def note_received(self):
+            pass
+
+        def note_duplicate(self):
+            pass
+
+        async def handle(self, data, peer_host):
+            await gate.wait()
+            return b"0\n"
+
+    path = os.path.join(sockdir, "b.sock")
+    with trio.fail_after(TIMEOUT):
+        bound = bind_control(parse_control_url(f"cunix:{path}"))
+        with bound:
+            await start(nursery, bound, Slow(), max_connections=2)
+            conns = []
+            for _ in range(2):
+                s = await stream_connect(path, socket.AF_UNIX)
+                await s.send_all(b"V\n")
+                conns.append(s)
+            await trio.testing.wait_all_tasks_blocked()
             extra = await stream_connect(path, socket.AF_UNIX)
             assert await read_until_eof(extra) == b""
             await extra.aclose()
-            # the open ones still work
-            await conns[0].send_all(b"V\n")
-            assert await read_exactly_lines(conns[0], 1) == b"20040107\n"
-            await conns.pop().aclose()
-            await trio.testing.wait_all_tasks_blocked()
-            s = await stream_connect(path, socket.AF_UNIX)
-            await s.send_all(b"V\n")
-            assert await read_exactly_lines(s, 1) == b"20040107\n"
-            conns.append(s)
+            gate.set()
             for c in conns:
+                assert await read_exactly_lines(c, 1) == b"0\n"
                 await c.aclose()
             nursery.cancel_scope.cancel()
 
