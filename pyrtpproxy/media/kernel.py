@@ -233,6 +233,9 @@ class KernelPath:
         self._by_port: dict[int, Any] = {}
         self._failed: set[Any] = set()
         self.installed: set[Any] = set()  # sessions with kernel state (read by others)
+        # session -> the flows the worker last decided on (before the local-peer
+        # filter); the periodic look touches a session whose wish moved since.
+        self._decided: dict[Any, frozenset] = {}
         self.nflows = 0
         self.errors = 0
         self.npkts = 0  # packets the kernel forwarded, over the relay's life
@@ -269,11 +272,18 @@ class KernelPath:
         self.touch(s)
 
     def candidates(self, sessions: Iterable[Any]) -> None:
-        """Touch the sessions that could go to the kernel but are not there."""
-        installed = self.installed
+        """Touch the sessions whose wish changed behind our back.
+
+        Latching (the media thread) and the commands touch sessions
+        themselves; this catches the rest: a prompt that ended, a session
+        changed by another control protocol (MediaProxy's), RTCP that
+        latched late.
+        """
+        decided = self._decided
+        empty: frozenset = frozenset()
         for s in sessions:
-            if s.complete and s not in installed and s not in self._failed:
-                if K.flows(s, dup_small=self.dup_small):
+            if s.complete and s not in self._failed:
+                if frozenset(K.flows(s, dup_small=self.dup_small)) != decided.get(s, empty):
                     self.touch(s)
 
     async def run(self, sessions: Callable[[], Iterable[Any]], *, task_status: Any = None) -> None:
@@ -305,6 +315,7 @@ class KernelPath:
         except KernelError as exc:
             log.error("can't remove nftables table inet %s: %s", self.table, exc)
         self._have.clear()
+        self._decided.clear()
         self._by_port.clear()
         self.installed.clear()
         self.nft.close()
@@ -348,7 +359,12 @@ class KernelPath:
         """Bring the kernel in line with ``batch``'s sessions: removals first."""
         plans = []
         for s in batch:
-            want = {} if s in self._failed else self._want(s)
+            if s.deleted:
+                self._failed.discard(s)
+                self._decided.pop(s, None)
+            else:
+                self._decided[s] = frozenset(K.flows(s, dup_small=self.dup_small))
+            want = {} if (s in self._failed or s.deleted) else self._want(s)
             plans.append((s, want))
         if any(set(self._have.get(s, ())) - set(want) for s, want in plans):
             self.read_counters()  # book what the leaving flows forwarded
@@ -450,13 +466,14 @@ class KernelPath:
             if not c:
                 continue
             n = int(c.get("packets", 0))
+            nbytes = int(c.get("bytes", 0)) - K.IPV4_UDP_HEADERS * n
             name = c.get("name", "")
             if n <= 0 or not name.startswith("c"):
                 continue
             ent = self._by_port.get(int(name[1:]))
             if ent is None:
                 continue
-            books.append((ent[0], n))
+            books.append((ent[0], n, nbytes))
             self.npkts += n
         if books:
             self.engine.call(_book, self.engine, books)
@@ -472,14 +489,14 @@ def _stream_of(s: Any, lport: int) -> Any:
 def _book(engine: Any, books: list) -> None:
     """In the media thread: kernel-forwarded packets count as relayed ones."""
     now = time.monotonic()
-    for st, n in books:
+    for st, n, nbytes in books:
         if st is None:
             continue
         if st.sock is None:  # the stream is gone: its totals moved already
             engine.gone_rcvd += n
             engine.gone_relayed += n
             continue
-        K.apply_counts(st, n, now)
+        K.apply_counts(st, n, now, nbytes)
 
 
 def check_environment(run_as: Any) -> None:

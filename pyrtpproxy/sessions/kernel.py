@@ -111,8 +111,11 @@ def flows(s: Any, *, dup_small: bool = False) -> tuple[Flow, ...]:
     return tuple(out)
 
 
-def apply_counts(st: Any, npkts: int, now: float) -> None:
-    """Book ``npkts`` the kernel forwarded for ``st`` as if it had relayed them.
+IPV4_UDP_HEADERS = 28  # what the kernel's byte counters add to each payload
+
+
+def apply_counts(st: Any, npkts: int, now: float, nbytes: int = 0) -> None:
+    """Book ``npkts`` (``nbytes`` of payload) the kernel forwarded for ``st`` as if relayed.
 
     The RTP sequence number moves on by the same count, so the same-SSRC
     re-latch rule (a sequence number near the last one seen) still holds
@@ -122,6 +125,7 @@ def apply_counts(st: Any, npkts: int, now: float) -> None:
         return
     st.npkts_in += npkts
     st.nrelayed += npkts
+    st.nbytes += max(0, nbytes)
     st.last_rx = now
     if not st.is_rtcp:
         st.seq = (st.seq + npkts) & 0xFFFF

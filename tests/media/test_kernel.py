@@ -313,7 +313,7 @@ def test_kill_9_then_restart_cleans_up(relay):
     call.close()
 
 
-def test_record_moves_the_call_back_to_userspace(tmp_path):
+def test_record_moves_the_call_to_userspace_norecord_back(tmp_path):
     rec = tmp_path / "rec"
     rec.mkdir()
     r = KernelRelay(tmp_path, "--kernel", "-r", str(rec))
@@ -327,6 +327,11 @@ def test_record_moves_the_call_back_to_userspace(tmp_path):
         call.b_to_a(3)
         assert r.cmd("S c1 ft tt") == "0"
         assert r.nflows() == 0  # still recording: stays in userspace
+        assert r.cmd("N c1 ft tt") == "0"  # recording stopped: back to the kernel
+        wait_for(lambda: r.nflows() == 2, "the call to go back to the kernel")
+        with stopped(r.proc):
+            call.a_to_b(3)
+            call.b_to_a(3)
         r.cmd("D c1 ft tt")
         assert r.stop() == 0
         assert any(rec.iterdir())

@@ -71,7 +71,7 @@ def test_booked_packets_count_and_move_the_sequence():
     s = latched_session()
     st = s.rtp[0]
     st.seq = 0xFFF0
-    K.apply_counts(st, 32, 12.5)
-    assert (st.npkts_in, st.nrelayed, st.last_rx, st.seq) == (32, 32, 12.5, 0x10)
+    K.apply_counts(st, 32, 12.5, 32 * 172)
+    assert (st.npkts_in, st.nrelayed, st.last_rx, st.seq, st.nbytes) == (32, 32, 12.5, 0x10, 32 * 172)
     K.apply_counts(s.rtcp[0], 3, 13.0)
     assert s.rtcp[0].npkts_in == 3 and s.rtcp[0].seq == 0
