@@ -268,11 +268,12 @@ class MediaProxyService:
                 reply, call = self.calls.remove(req, now)
                 if call is not None:
                     self._account(call, "removed", now)
+                elif reply == P.REPLY_REMOVED:
+                    log.info("mediaproxy: remove after the call expired", extra={"callid": req.call_id})
                 else:
                     log.info(
-                        "mediaproxy: remove of an unknown call (from_tag %s): %s",
+                        "mediaproxy: remove of an unknown call (from_tag %s)",
                         req.from_tag,
-                        reply.decode().strip(),
                         extra={"callid": req.call_id},
                     )
                 return reply
