@@ -56,6 +56,8 @@ MI_QUEUE = 256
 MI_TIMEOUT = 2.0
 #: Ended calls kept for /stats.
 RECENT = 50
+#: Live calls listed in /stats (all of them are counted).
+STATS_CALLS = 100
 
 
 def parse_socket_arg(text: str) -> str:
@@ -505,7 +507,9 @@ class MediaProxyService:
             calls_removed=self.calls.removed,
             calls_timed_out=self.calls.timed_out,
             streams_active=sum(self.calls.stream_counts().values()),
-            calls=[self.calls.statistics(c, now, wall) for c in list(self.calls.calls.values())],
+            calls=[
+                self.calls.statistics(c, now, wall) for c in list(self.calls.calls.values())[:STATS_CALLS]
+            ],
             ended=list(self.recent),
         )
         return t
