@@ -397,6 +397,8 @@ def attach_kernel(server: Server, cfg: Any) -> None:
     server.services.append(functools.partial(kp.run, lambda: server.dispatcher.table))
     server.closers.append(kp.stop)
     server.kernel = kp
+    # /metrics (rtpproxy_kernel_*) and /stats ("kernel")
+    server.__dict__.setdefault("stats_sections", {})["kernel"] = kp.stats
     log.info("kernel fast path on: nftables table inet %s", kp.table)
 
 

@@ -254,6 +254,15 @@ class KernelPath:
     def on_latch(self, st: Any) -> None:
         self.touch(st.session)
 
+    def stats(self) -> dict:
+        """For /metrics and /stats: what the kernel relays now and did so far."""
+        return {
+            "sessions": len(self.installed),
+            "flows": self.nflows,
+            "packets": self.npkts,
+            "errors": self.errors,
+        }
+
     # ---- control plane (Trio) ---------------------------------------------------
     async def evict(self, s: Any) -> None:
         """Move ``s`` back to userspace and wait until the kernel lets go of it."""

@@ -205,6 +205,29 @@ def test_kernel_forwards_nated_caller_while_relay_is_frozen(relay):
     call.close()
 
 
+def test_metrics_show_the_kernel_path(tmp_path):
+    r = KernelRelay(tmp_path, "--kernel", "--metrics", "tcp:127.0.0.1:9901")
+    r.start()
+    try:
+        call = Call(r)
+        call.latch()
+        call.a_to_b(10)
+
+        def scrape() -> str:
+            with inside(r.topo.r), socket.create_connection(("127.0.0.1", 9901), timeout=5) as s:
+                s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                out = b""
+                while chunk := s.recv(65536):
+                    out += chunk
+            return out.decode()
+
+        text = wait_for(lambda: "rtpproxy_kernel_packets 10" in (t := scrape()) and t, "kernel metrics")
+        assert "rtpproxy_kernel_flows 2" in text and "rtpproxy_kernel_sessions 1" in text
+        call.close()
+    finally:
+        r.close()
+
+
 def test_stranger_spraying_ports_gets_nothing(relay):
     call = Call(relay)
     call.latch()
