@@ -150,6 +150,10 @@ class Backend:
         except M.BackendError:
             self.close(relay, now)
             raise
+        # until the answer gives the other party's address: the setup TTL (-W)
+        s.reset_ttl(now, self.d.settings.setup_ttl)
+        self.d.table.schedule(s)
+        self.d.on_schedule()
         return relay
 
     def set_remote(self, handle: Relay, index: int, remote: tuple[str, int] | None, now: float) -> None:

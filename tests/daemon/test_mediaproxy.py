@@ -461,3 +461,17 @@ def test_cli_mediaproxy_options():
         build_config(["-F", "--mediaproxy-mi", "udp:nohost"])
     with pytest.raises(ConfigError):
         build_config(["-F", "--mediaproxy", "unix:" + "x" * 200])
+
+
+async def test_setup_ttl_until_the_answer(nursery, tmp_path, autojump_clock):
+    mp = await start_mp(nursery, tmp_path, clock=trio.current_time, ttl=60, setup_ttl=20)
+    c = await mp.connect()
+    ports_of(await c.ask(update("request", "ring@x", 1, "A", "", audio(40000))))
+    ports_of(await c.ask(update("request", "ans@x", 1, "A", "", audio(40000))))
+    await trio.sleep(10)
+    ports_of(await c.ask(update("reply", "ans@x", 1, "A", "B", audio(40002))))
+    await trio.sleep(15)  # 25 s: the unanswered call is gone (-W), the answered one not (-T)
+    st = mp.svc.stats()
+    assert [x["call_id"] for x in st["calls"]] == ["ans@x"]
+    assert st["ended"][-1]["call_id"] == "ring@x" and st["ended"][-1]["timed_out"] is True
+    c.close()
