@@ -72,7 +72,17 @@ class Settings:
             has_ipv6=socket.AF_INET6 in fams,
             labels=frozenset(i.label for i in self.labelled if i.label),
             notify=bool(self.notify_targets),
+            service=udp_service,
         )
+
+
+def udp_service(name: str) -> int | None:
+    """A UDP service name's port from the system's services database, as
+    getaddrinfo(3) finds it for rtpproxy (``sip`` -> 5060)."""
+    try:
+        return socket.getservbyname(name, "udp")
+    except (OSError, UnicodeError, ValueError):
+        return None
 
 
 def _remote_tuple(remote: tuple[str, int] | None, port_delta: int = 0) -> tuple | None:
@@ -115,6 +125,12 @@ class Dispatcher:
                 sequential=settings.sequential,
                 skip=settings.skip_ports,
             )
+        # rtpproxy's bind address list, newest first: the configured ones,
+        # then every address an L<addr>/R<addr> modifier resolved to
+        # ("learned"); U6/L6 without modifiers use the newest of the family.
+        self.bindaddrs: list[Iface] = []
+        for i in settings.ifaces + settings.labelled:
+            self._learn(i)
         self.draining = False
         self.on_schedule: Callable[[], None] = lambda: None  # timer wake-up
         self.on_empty: Callable[[], None] = lambda: None  # drain finished
@@ -138,6 +154,20 @@ class Dispatcher:
     def note_duplicate(self) -> None:
         self.counters.ncmds_rcvd_ndups += 1
 
+    def _learn(self, iface: Iface) -> Iface:
+        """Add ``iface`` to the bind address list unless its address is there."""
+        for i in self.bindaddrs:
+            if i.family == iface.family and i.addr == iface.addr:
+                return i
+        self.bindaddrs.insert(0, iface)
+        env = getattr(self, "env", None)
+        if env is not None:
+            if iface.family == socket.AF_INET6 and not env.has_ipv6:
+                self.env = attrs.evolve(env, has_ipv6=True)
+            elif iface.family == socket.AF_INET and not env.has_ipv4:
+                self.env = attrs.evolve(env, has_ipv4=True)
+        return iface
+
     @property
     def lock(self) -> Any:
         """The lock every command holds (rtpproxy's global lock): other
@@ -159,6 +189,11 @@ class Dispatcher:
             cmd = self._parse(data, self.env)
             reply = await self.execute(cmd, peer_host)
             self.counters.ncmds_succd += 1
+        except _ErrorReply as exc:
+            # rtpproxy answers some failures with a plain reply (an L for an
+            # unknown session answers 0) but still counts them as errors.
+            reply = exc.reply
+            self.counters.ncmds_errs += 1
         except RtppError as exc:
             reply = exc.reply()
             self.counters.ncmds_errs += 1
@@ -236,7 +271,7 @@ class Dispatcher:
         first = st.ifaces[0]
         if first.family == fam:
             return first
-        for i in st.ifaces + st.labelled:
+        for i in self.bindaddrs:
             if i.family == fam:
                 return i
         raise RtppError(ECode.INVLARG_6)
@@ -255,7 +290,7 @@ class Dispatcher:
             except (OSError, ValueError, IndexError):
                 raise RtppError(ECode.INVLARG_1) from None
         fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        return Iface(fam, str(ip))
+        return self._learn(Iface(fam, str(ip)))
 
     def _iface_towards(self, text: str) -> Iface:
         host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
@@ -270,7 +305,7 @@ class Dispatcher:
         for i in self.settings.ifaces + self.settings.labelled:
             if i.addr == local:
                 return i
-        return Iface(fam, local)
+        return self._learn(Iface(fam, local))
 
     def _allocate(self, st: Stream, iface: Iface, new_session: bool) -> None:
         """Give ``st`` (RTP) and its RTCP twin a fresh port pair on ``iface``."""
@@ -309,7 +344,7 @@ class Dispatcher:
 
     def _reply_addr(self, st: Stream) -> str:
         shown = st.shown
-        if shown is None:
+        if shown is None or st.laddr in ("0.0.0.0", "::"):
             return str(st.port)
         if st.family == socket.AF_INET6:
             return f"{st.port} {shown} 6"
@@ -338,7 +373,7 @@ class Dispatcher:
                     cmd.to_tag,
                     extra={"callid": cmd.call_id},
                 )
-                return "0"
+                raise _ErrorReply("0")
             s, idx = found
             pidx = 1 - idx
         rtp = s.rtp[pidx]
@@ -366,6 +401,12 @@ class Dispatcher:
             if iface is None or cmd.mods.local_addr or cmd.mods.local_label or cmd.mods.remote_addr:
                 iface = self._iface_for(cmd, 1)
             self._allocate(rtp, iface, False)
+            # rtpproxy: a port given to an existing session's stream (its
+            # second leg, or a new one with N) makes the session complete,
+            # even when the other stream has none (Un on a one-leg session).
+            if not s.complete:
+                s.complete = True
+                self.counters.nsess_complete += 1
         # The command's address belongs to the party behind stream 1-pidx.
         party = other
         asym = cmd.mods.asymmetric
@@ -375,11 +416,13 @@ class Dispatcher:
         rremote = _remote_tuple(cmd.remote, 1)
         party_rtcp = party.rtcp_twin
         self.engine.call(_apply_prefill, party, party_rtcp, remote, rremote, bool(asym), cmd.on_hold, now)
+        # W marks this command's stream weak, for U and L alike; only U
+        # without W makes the session strong.
+        if cmd.mods.weak:
+            s.weak[pidx] = True
+        elif not cmd.lookup:
+            s.strong = True
         if not cmd.lookup:
-            if cmd.mods.weak:
-                s.weak[pidx] = True
-            else:
-                s.strong = True
             s.notify_socket = None
             s.notify_tag = None
             if cmd.notify_socket is not None:
@@ -400,9 +443,7 @@ class Dispatcher:
                     cmd.mods.ptime,
                     extra={"callid": s.call_id},
                 )
-        if not s.complete and s.rtp[0].sock is not None and s.rtp[1].sock is not None:
-            s.complete = True
-            self.counters.nsess_complete += 1
+        if not s.rtp[0].active and s.rtp[0].sock is not None and s.rtp[1].sock is not None:
             for st in s.streams():
                 self.engine.call(_set_active, st)
         s.reset_ttl(now, sett.ttl if s.complete else sett.setup_ttl)
@@ -430,9 +471,11 @@ class Dispatcher:
     def _subcommands(
         self, reply: str, cmd: Any, s: Session, pidx: int, now: float, peer_host: str | None
     ) -> str:
+        # rtpproxy runs the sub-commands in order and stops at the first
+        # failure; a sub-command with nothing to say shows as "0" only when
+        # something is written after it.
         parts = [reply]
         pending = 0
-        delete = False
         # rtpproxy's sub-command environment: the stream facing the main
         # command's party ("in") and the other; a && L swaps them.
         tin = 1 - pidx
@@ -461,7 +504,10 @@ class Dispatcher:
                     parts.append(r)
                     tin = 1 - tin
                 elif isinstance(sub, C.SubDelete):
-                    delete = sub
+                    # Deletes at once, by the session's own tag; nothing
+                    # left to delete is a failure.
+                    if not self._delete_sessions(s.call_id, s.tag, None, sub.weak, now):
+                        raise RtppError(ECode.SESUNKN)
                     pending += 1
                 elif isinstance(sub, C.SubSet):
                     i = (1 - pidx) if sub.reverse else pidx
@@ -474,10 +520,9 @@ class Dispatcher:
                         self.engine.call(_set_tos, s.rtp[i], sub.tos)
                     pending += 1
             except RtppError:
+                parts.extend(["0"] * pending)
                 parts.append("-1")
                 break
-        if delete:
-            self._delete_sessions([(s, 0)], delete.weak, now)
         return " && ".join(parts)
 
     # ---- the slow path: analysis, Z, && C -----------------------------------------
@@ -553,27 +598,34 @@ class Dispatcher:
             self.engine.call(H.drop_hook, st, self.local_engine)
 
     # ---- D / X -----------------------------------------------------------------
-    def _delete_sessions(self, matches: list, weak: bool, now: float) -> bool:
+    def _delete_sessions(
+        self, call_id: str, from_tag: str, to_tag: str | None, weak: bool, now: float
+    ) -> bool:
+        """rtpproxy's delete: True when a session matched.
+
+        D clears the strong flag, Dw the weak flag of the stream opposite
+        to the one the tag matched (a match on the session's own tag
+        clears stream 1's, on the to-tag stream 0's; rtpproxy's indexing).
+        A session is destroyed once no flag is left; after destroying an
+        exact (not ``;N``) match, rtpproxy stops looking.
+        """
         did = False
-        for s, idx in matches:
+        for s, idx in self.table.find_prefix(call_id, from_tag, to_tag):
+            if s.deleted:
+                continue
+            did = True
             if weak:
-                if s.weak[idx]:
-                    s.weak[idx] = False
-                    did = True
+                s.weak[1 - idx] = False
             else:
-                if s.strong:
-                    s.strong = False
-                did = True
+                s.strong = False
             if not s.strong and not s.weak[0] and not s.weak[1]:
                 self.destroy(s, now)
-                did = True
+                if s.tag == (from_tag if idx == 0 else to_tag):
+                    break
         return did
 
     def delete(self, cmd: C.Delete, now: float) -> str:
-        matches = self.table.find_prefix(cmd.call_id, cmd.from_tag, cmd.to_tag)
-        if not matches:
-            raise RtppError(ECode.SESUNKN)
-        if not self._delete_sessions(matches, cmd.weak, now):
+        if not self._delete_sessions(cmd.call_id, cmd.from_tag, cmd.to_tag, cmd.weak, now):
             raise RtppError(ECode.SESUNKN)
         return "0"
 
@@ -592,24 +644,19 @@ class Dispatcher:
             self.playback.session_gone(s)
         if self.recording is not None:
             self.recording.session_gone(s)
-        for st in s.rtp:
-            self._release(st)
-        self.engine.release_session(s.shard)
-        c = self.counters
-        c.nsess_destroyed += 1
-        if timeout:
-            c.nsess_timeout += 1
-        c.total_duration += max(0.0, now - s.created)
-        nrtp = sum(1 for st in s.rtp if st.npkts_in)
-        nrtcp = sum(1 for st in s.rtcp if st.npkts_in)
-        if nrtp == 0:
-            c.nsess_nortp += 1
-        elif nrtp == 1:
-            c.nsess_owrtp += 1
-        if nrtcp == 0:
-            c.nsess_nortcp += 1
-        elif nrtcp == 1:
-            c.nsess_owrtcp += 1
+        # rtpproxy counts these only for complete sessions (before the
+        # streams' counters move into the totals).
+        if s.complete:
+            nrtp = sum(1 for st in s.rtp if st.npkts_in)
+            nrtcp = sum(1 for st in s.rtcp if st.npkts_in)
+            if nrtp == 0:
+                self.counters.nsess_nortp += 1
+            elif nrtp == 1:
+                self.counters.nsess_owrtp += 1
+            if nrtcp == 0:
+                self.counters.nsess_nortcp += 1
+            elif nrtcp == 1:
+                self.counters.nsess_owrtcp += 1
         log.info(
             "session on tag %s %s; RTP packets in %d/%d, relayed %d, dropped %d",
             s.tag,
@@ -620,6 +667,14 @@ class Dispatcher:
             s.rtp[0].ndropped + s.rtp[1].ndropped,
             extra={"callid": s.call_id},
         )
+        for st in s.rtp:
+            self._release(st)
+        self.engine.release_session(s.shard)
+        c = self.counters
+        c.nsess_destroyed += 1
+        if timeout:
+            c.nsess_timeout += 1
+        c.total_duration += max(0.0, now - s.created)
         if len(self.table) == 0 and self.draining:
             self.on_empty()
 
@@ -820,6 +875,14 @@ _ANALYSIS_NAMES = frozenset(
         "rtpa_javg",
     }
 )
+
+
+class _ErrorReply(Exception):
+    """A failed command whose reply is not an E-code (counted as an error)."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
 
 
 # ---- jobs run in the media thread ---------------------------------------------------

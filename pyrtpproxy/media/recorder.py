@@ -617,7 +617,9 @@ class Recorder:
             log.error("invalid port in the remote recording target specification")
             return None
         try:
-            infos = await trio.socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)
+            # rtpproxy resolves the target as IPv4 only (local4remote with
+            # AF_INET): an IPv6 target fails (E65).
+            infos = await trio.socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
         except (OSError, UnicodeError) as exc:
             log.error("can't resolve the remote recording target %s: %s", host, exc)
             return None
@@ -704,6 +706,10 @@ class Recorder:
             pair.release(pair.port)
             raise RtppError(ECode.SESUNKN)
         rtp, rtcp = s.rtp[idx], s.rtcp[idx]
+        # rtpproxy binds a new pair for every remote C; when the stream
+        # already has a copy, the new pair is closed again at once, and Cp
+        # still answers its port.
+        reply = f"{pair.port} {pair.shown}" + (" 6" if pair.family == socket.AF_INET6 else "")
         used = [False, False]
         for i, st in enumerate((rtp, rtcp)):
             if i == 1 and not self.opts.rtcp:
@@ -720,10 +726,7 @@ class Recorder:
             pair.release(pair.port)
         log.info("C %s: copying port %d to %s from port %d", cmd.call_id, rtp.port, target, pair.port)
         if cmd.reply_port:
-            tap = self.taps.get(rtp)
-            if tap is not None and isinstance(tap.sink, RemoteSink):
-                p = tap.sink.pair
-                return f"{p.port} {p.shown}" + (" 6" if p.family == socket.AF_INET6 else "")
+            return reply
         return "0"
 
     async def norecord(self, cmd: Any, matches: list, now: float) -> str:

@@ -13,6 +13,8 @@ gives the original bytes back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 
 
@@ -25,6 +27,10 @@ class ParseEnv:
     (with no -l and no -6, IPv4 wildcard only).
     ``labels``: labels of extra bind addresses (``-l label@addr``).
     ``notify``: at least one ``-n`` was given.
+    ``service``: resolves a UDP service name (``sip``) to its port, or
+    None when there is no such service; the daemon passes the system's
+    services database (this package does no I/O).  Without it only
+    numeric ports are accepted.
     """
 
     bridge: bool = False
@@ -32,6 +38,7 @@ class ParseEnv:
     has_ipv6: bool = False
     labels: frozenset[str] = frozenset()
     notify: bool = False
+    service: Callable[[str], int | None] | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen

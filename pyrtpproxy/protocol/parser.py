@@ -66,6 +66,7 @@ _HEXDIGITS = b"0123456789abcdefABCDEF"
 _C_SPACE = b" \t\n\v\f\r"  # isspace() in the C locale
 _LONG_MIN = -(2**63)
 _LONG_MAX = 2**63 - 1
+_ULONG_MAX = 2**64 - 1
 _V4MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
 _E = ECode
@@ -340,7 +341,51 @@ def _numeric_host(text: bytes, family: int) -> str | None:
     return None if v6 is None else v6[1]
 
 
-def _resolve_remote(addr: bytes, port: bytes, ipv6: bool) -> tuple[tuple[str, int] | None, bool]:
+def _strtoul(b: bytes) -> int | None:
+    """glibc ``strtoul(b, &end, 10)`` when it consumes all of ``b``: leading
+    C whitespace, one sign (a minus negates in unsigned arithmetic), digits;
+    overflow clamps to ULONG_MAX.  None when something is left over."""
+    n = len(b)
+    j = 0
+    while j < n and b[j] in _C_SPACE:
+        j += 1
+    neg = False
+    if j < n and b[j] in b"+-":
+        neg = b[j] == 0x2D
+        j += 1
+    if j == n or not b[j:].isdigit():
+        return None
+    value = _bounded_int(b[j:], 10, _ULONG_MAX)
+    if value > _ULONG_MAX:
+        return _ULONG_MAX
+    return (-value) & _ULONG_MAX if neg else value
+
+
+def _service_port(port: bytes, env: ParseEnv) -> int | None:
+    """The remote port as getaddrinfo(3) resolves the service argument
+    (glibc): a string strtoul() takes whole is a number, kept as a C
+    ``int`` and then cut to 16 bits by htons() (``65536`` is port 0,
+    ``+36000`` is 36000); a number that is negative as an ``int``, or any
+    other string, is looked up as a UDP service name (``sip`` -> 5060)
+    through ``env.service``.  None: getaddrinfo would fail (E37)."""
+    num = _strtoul(port)
+    if num is not None:
+        as_int = _to_c_int(num)
+        if as_int >= 0:
+            return as_int & 0xFFFF
+    if env.service is None:
+        return None
+    try:
+        name = port.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    got = env.service(name)
+    return None if got is None else got & 0xFFFF
+
+
+def _resolve_remote(
+    addr: bytes, port: bytes, ipv6: bool, env: ParseEnv
+) -> tuple[tuple[str, int] | None, bool]:
     """The U/L address/port: (remote, on_hold).  Raises E37."""
     n = len(addr)
     if ipv6:
@@ -348,10 +393,8 @@ def _resolve_remote(addr: bytes, port: bytes, ipv6: bool) -> tuple[tuple[str, in
             return None, False
     elif not 7 <= n <= 15:
         return None, False
-    if not port.isdigit():
-        raise _err(_E.INVLARG_7)
-    port_num = _bounded_int(port, 10, 65535)
-    if port_num > 65535:
+    port_num = _service_port(port, env)
+    if port_num is None:
         raise _err(_E.INVLARG_7)
     if ipv6:
         v6 = _parse_ipv6(addr, allow_scope=True)
@@ -490,7 +533,7 @@ def _parse_ul_common(
     if not mods.ifaces and mods.local_addr is None and mods.local_label is None and mods.remote_addr is None:
         if not (env.has_ipv6 if mods.ipv6 else env.has_ipv4):
             raise _err(_E.INVLARG_6)
-    remote, on_hold = _resolve_remote(addr, port, mods.ipv6)
+    remote, on_hold = _resolve_remote(addr, port, mods.ipv6, env)
     return mods, remote, on_hold
 
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import errno
 import random as _random
+from collections import Counter
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 
-# Errors from bind() that mean "this pair is taken, try another".
-RETRY_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL})
+# Errors from bind() that mean "this pair is taken, try another"; any other
+# error (EADDRNOTAVAIL: the address is not local) ends the search at once,
+# with the cursor left on that pair, as in rtpproxy (create_listener()).
+RETRY_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES})
 
 
 class PortsExhausted(Exception):
@@ -52,7 +55,9 @@ class PortTable:
         self._sequential = sequential
         self._idx = len(self._table) - 1
         self._skip = frozenset(skip)
-        self.in_use: set[int] = set()
+        # Pairs handed out, with a count: one port may be held on several
+        # local addresses.
+        self.in_use: Counter[int] = Counter()
 
     @property
     def size(self) -> int:
@@ -68,10 +73,12 @@ class PortTable:
         """
         table = self._table
         n = len(table)
-        for i in range(1, n if n > 1 else 2):
+        for i in range(1, n):
             idx = (self._idx + i) % n
             port = table[idx]
-            if port in self._skip or port in self.in_use:
+            # Ports in use are not skipped: like rtpproxy, the bind decides
+            # (a port held on another local address may still be free here).
+            if port in self._skip:
                 continue
             try:
                 bound = bind_pair(port)
@@ -85,7 +92,7 @@ class PortTable:
             if not self._sequential:
                 self._shuffle_slot(idx)
             self._idx = idx
-            self.in_use.add(port)
+            self.in_use[port] += 1
             return port, bound
         raise PortsExhausted("port range exhausted")
 
@@ -95,7 +102,10 @@ class PortTable:
         t[idx], t[j] = t[j], t[idx]
 
     def release(self, port: int) -> None:
-        self.in_use.discard(port)
+        if self.in_use[port] > 1:
+            self.in_use[port] -= 1
+        else:
+            self.in_use.pop(port, None)
 
     @property
     def free(self) -> int:

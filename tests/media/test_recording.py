@@ -382,12 +382,35 @@ async def test_copy_to_udp(nursery, tmp_path):
     data, src = await cp_rtcp.recv()
     assert data == rtcp_packet(5) and src == ("127.0.0.1", cport + 1)
     table = relay.dispatcher.ports[socket.AF_INET]
-    assert {cport, int(qport)} <= table.in_use
+    assert {cport, int(qport)} <= set(table.in_use)
     assert rec.statistics().copies_sent == 9
     assert await relay.cmd("D cpcall fA") == "0"
     await rec.sync()
-    assert not ({cport, int(qport)} & table.in_use)
+    assert not ({cport, int(qport)} & set(table.in_use))
     assert files(rd) == []
+
+
+async def test_copy_again_binds_a_new_pair(nursery, tmp_path):
+    """rtpproxy: every remote C binds a new pair; when the stream already has
+    a copy the pair is closed again, Cp answers its port, and the copies keep
+    going to the first target.  IPv6 targets are refused (E65)."""
+    relay, rec, rd, _ = await start(nursery, tmp_path)
+    c = await Call(relay, "cpx").setup()
+    cp = await Peer().bind()
+    first = (await relay.cmd(f"Cp cpx udp:127.0.0.1:{cp.port} fA;1 tB;1")).split()
+    cq = await Peer().bind()
+    second = (await relay.cmd(f"Cp cpx udp:127.0.0.1:{cq.port} fA;1 tB;1")).split()
+    assert second[1] == first[1] == "127.0.0.1"
+    assert int(second[0]) != int(first[0])
+    table = relay.dispatcher.ports[socket.AF_INET]
+    assert int(second[0]) not in table.in_use and int(first[0]) in table.in_use
+    assert await relay.cmd(f"C cpx udp:[::1]:{cq.port} fA;1 tB;1") == "E65"
+    assert await relay.cmd(f"C cpx udp:::1:{cq.port} tB;1 fA;1") == "E65"
+    sent, _, _ = await c.a_to_b(2)
+    for pkt in sent:
+        data, src = await cp.recv()
+        assert data == pkt and src[1] == int(first[0])
+    assert await relay.cmd("D cpx fA") == "0"
 
 
 # ---- -a --------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ V6ONLY = ParseEnv(has_ipv4=False, has_ipv6=True)  # -6 ::1 only
 LBL = ParseEnv(labels=frozenset({"lo2"}))  # -l 127.0.0.1 -l lo2@127.0.0.3=...
 BRIDGE = ParseEnv(bridge=True)  # -l 127.0.0.1/127.0.0.2
 BRIDGE_NOTIFY = ParseEnv(bridge=True, notify=True)
+SERVICES = ParseEnv(service={"sip": 5060}.get)  # a services database
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -519,8 +520,21 @@ OWN: list[tuple[str, ParseEnv, bytes, Any]] = [
     ("E36 skipped with I/E", BRIDGE, b"U6IE c ::1 1 f", ok(U, mods__ifaces=(0, 1))),
     ("E36 skipped with label", LBL, b"U6l{lo2} c ::1 1 f", ok(U, mods__local_label="lo2")),
     ("E36 beats E37", PLAIN, b"U6 c garbage!! 1 f", ECode.INVLARG_6),
-    ("E37 port range", PLAIN, b"U c 127.0.0.1 65536 f", ECode.INVLARG_7),
+    # The port is getaddrinfo's service argument (glibc): strtoul() then
+    # htons(), so 65536 wraps to 0 and a sign is accepted; a negative int
+    # or any other text is a UDP service name (SERVICES below knows "sip").
+    ("port wraps at 65536", PLAIN, b"U c 127.0.0.1 65536 f", ok(U, remote=("127.0.0.1", 0))),
+    ("port 65537", PLAIN, b"U c 127.0.0.1 65537 f", ok(U, remote=("127.0.0.1", 1))),
+    ("port plus sign", PLAIN, b"U c 127.0.0.1 +36000 f", ok(U, remote=("127.0.0.1", 36000))),
+    ("port 2^31-1", PLAIN, b"U c 127.0.0.1 2147483647 f", ok(U, remote=("127.0.0.1", 65535))),
+    ("E37 port 2^31", PLAIN, b"U c 127.0.0.1 2147483648 f", ECode.INVLARG_7),
+    ("port 2^32 wraps", PLAIN, b"U c 127.0.0.1 4294967296 f", ok(U, remote=("127.0.0.1", 0))),
     ("E37 port sign", PLAIN, b"U c 127.0.0.1 -1 f", ECode.INVLARG_7),
+    ("port -4294967295", PLAIN, b"U c 127.0.0.1 -4294967295 f", ok(U, remote=("127.0.0.1", 1))),
+    ("E37 service without table", PLAIN, b"U c 127.0.0.1 sip f", ECode.INVLARG_7),
+    ("service name", SERVICES, b"U c 127.0.0.1 sip f", ok(U, remote=("127.0.0.1", 5060))),
+    ("E37 unknown service", SERVICES, b"U c 127.0.0.1 nosuch f", ECode.INVLARG_7),
+    ("E37 lone sign", SERVICES, b"U c 127.0.0.1 + f", ECode.INVLARG_7),
     ("port max", PLAIN, b"U c 127.0.0.1 65535 f", ok(U, remote=("127.0.0.1", 65535))),
     ("E37 bad quad", PLAIN, b"U c 256.1.1.1 1 f", ECode.INVLARG_7),
     ("E37 v6 in v4 mode", PLAIN, b"U c 2001:db8::1 1 f", ECode.INVLARG_7),
