@@ -251,6 +251,23 @@ class Dispatcher:
     # ---- U / L ---------------------------------------------------------------
     def _iface_for(self, cmd: C.Update, which: int) -> Iface:
         """Interface of the stream facing this command's party (which=0) or the other (1)."""
+        explicit = self._explicit_iface(cmd)
+        if explicit is not None:
+            return explicit
+        st = self.settings
+        m = cmd.mods
+        # rtpproxy: the first I/E letter sets the other party's address
+        # (lia[1]), the second this reply's (lia[0]); the default for
+        # either is the first bind address.
+        if m.ifaces and which < len(m.ifaces):
+            return st.ifaces[m.ifaces[which]]
+        return st.ifaces[0]
+
+    def _explicit_iface(self, cmd: C.Update) -> Iface | None:
+        """rtpproxy's ulop->local_addr: from l{label}, L<addr> or R<addr>, or,
+        without those and without I/E, the newest bind address of the
+        command's family when the first bind address is of the other one
+        (E36 if there is none).  None: no explicit local address."""
         st = self.settings
         m = cmd.mods
         if m.local_label is not None:
@@ -262,15 +279,11 @@ class Dispatcher:
             return self._local_iface(m.local_addr)
         if m.remote_addr is not None:
             return self._iface_towards(m.remote_addr)
-        if st.bridge:
-            if m.ifaces:
-                idx = m.ifaces[which] if which < len(m.ifaces) else m.ifaces[0]
-                return st.ifaces[idx]
-            return st.ifaces[0]
+        if m.ifaces:
+            return None
         fam = socket.AF_INET6 if m.ipv6 else socket.AF_INET
-        first = st.ifaces[0]
-        if first.family == fam:
-            return first
+        if st.ifaces[0].family == fam:
+            return None
         for i in self.bindaddrs:
             if i.family == fam:
                 return i
@@ -321,6 +334,7 @@ class Dispatcher:
             log.error("can't create listener: port range exhausted or address not available")
             raise RtppError(ECode.LSTFAIL_2 if new_session else ECode.LSTFAIL_1) from None
         twin = st.rtcp_twin
+        st.pending_iface = iface  # rtpproxy's stream laddr: kept for a later N
         self._release(st, final=False)
         for s, sock, p in ((st, rtp, port), (twin, rtcp, port + 1)):
             s.sock = sock
@@ -397,8 +411,12 @@ class Dispatcher:
                 extra={"callid": cmd.call_id},
             )
         elif rtp.sock is None or cmd.mods.new_port:
-            iface = rtp.pending_iface
-            if iface is None or cmd.mods.local_addr or cmd.mods.local_label or cmd.mods.remote_addr:
+            iface = self._explicit_iface(cmd)
+            if iface is None and cmd.mods.new_port and len(cmd.mods.ifaces) == 2:
+                iface = self._iface_for(cmd, 1)
+            if iface is None:
+                iface = rtp.pending_iface
+            if iface is None:
                 iface = self._iface_for(cmd, 1)
             self._allocate(rtp, iface, False)
             # rtpproxy: a port given to an existing session's stream (its
@@ -513,6 +531,10 @@ class Dispatcher:
                     i = (1 - pidx) if sub.reverse else pidx
                     if sub.ttl is not None:
                         s.ttl_override[i] = sub.ttl
+                        if not self.table.independent:
+                            # One TTL shared by both streams (rtpproxy without
+                            # -i): the last S ttl= sets it for both.
+                            s.ttl_override[1 - i] = sub.ttl
                         s.reset_ttl(now)
                         self.table.schedule(s)
                         self.on_schedule()

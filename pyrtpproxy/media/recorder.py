@@ -142,6 +142,13 @@ class CopyPair:
     live: int = 0  # sinks still using a socket of the pair
 
 
+def _copy_port(text: str) -> int | None:
+    """The port of a ``udp:host:port`` copy target (1..65534), or None."""
+    if not text.isdigit() or not 0 < int(text) <= 65534:
+        return None
+    return int(text)
+
+
 @attrs.define(eq=False)
 class RemoteSink:
     sock: socket.socket
@@ -609,13 +616,9 @@ class Recorder:
             return None
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        try:
-            port = int(port_s, 10)
-        except ValueError:
-            port = -1
-        if not 0 < port <= 65534 or not port_s.isdigit():
-            log.error("invalid port in the remote recording target specification")
-            return None
+        # rtpproxy checks the port only when the copy is created (a stream
+        # already copied takes any port text); until then it is 0 here.
+        port = _copy_port(port_s) or 0
         try:
             # rtpproxy resolves the target as IPv4 only (local4remote with
             # AF_INET): an IPv6 target fails (E65).
@@ -660,8 +663,9 @@ class Recorder:
             return None
         socks = list(socks)
         try:
-            socks[0].connect((rhost, rport))
-            socks[1].connect((rhost, rport + 1))
+            if rport:  # 0: the pair is closed again at once (see copy())
+                socks[0].connect((rhost, rport))
+                socks[1].connect((rhost, rport + 1))
         except OSError as exc:
             for x in socks:
                 x.close()
@@ -699,6 +703,12 @@ class Recorder:
             return "0"
         pair = await self._start_remote(s, idx, target)
         if pair is None:
+            raise RtppError(ECode.CPYFAIL)
+        if s.rtp[idx] not in self.taps and _copy_port(target.rpartition(":")[2]) is None:
+            log.error("invalid port in the remote recording target specification")
+            for x in pair.socks:
+                x.close()
+            pair.release(pair.port)
             raise RtppError(ECode.CPYFAIL)
         if s.deleted:  # the session timed out while we resolved the name
             for x in pair.socks:
