@@ -414,9 +414,14 @@ def _bind_unix(spec: ControlSpec, sock_mode: int | None, owner: tuple[int, int] 
     except OSError as e:
         raise ControlBindError(f"can't bind to a socket: {path}: {e.strerror}") from None
     else:
-        if not stat.S_ISSOCK(st.st_mode):
+        # rtpproxy removes whatever is there.  We replace an old socket and
+        # an empty regular file (a placeholder such as mktemp(1) makes; its
+        # test suite passes one), and refuse anything that holds data.
+        placeholder = stat.S_ISREG(st.st_mode) and st.st_size == 0
+        if not stat.S_ISSOCK(st.st_mode) and not placeholder:
             raise ControlBindError(
-                f"can't bind to a socket: {path}: the path exists and is not a socket; refusing to remove it"
+                f"can't bind to a socket: {path}: the path exists and is not a socket "
+                "or an empty file; refusing to remove it"
             )
         try:
             os.unlink(path)

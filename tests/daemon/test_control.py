@@ -590,6 +590,21 @@ def test_unix_regular_file_refused(sockdir):
         assert f.read() == "keep me"
 
 
+def test_unix_empty_placeholder_file_replaced(sockdir):
+    """An empty regular file (mktemp's placeholder, as rtpproxy's test
+    harness passes) is replaced by the socket; a directory is refused."""
+    path = os.path.join(sockdir, "tmp.XXXX")
+    open(path, "w").close()
+    b = bind_control(parse_control_url(f"unix:{path}"))
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+    b.close()
+    assert not os.path.exists(path)
+    os.mkdir(path)
+    with pytest.raises(ControlBindError, match="not a socket"):
+        bind_control(parse_control_url(f"cunix:{path}"))
+    assert os.path.isdir(path)
+
+
 def test_unix_close_leaves_foreign_file(sockdir):
     path = os.path.join(sockdir, "r.sock")
     b = bind_control(parse_control_url(path))
