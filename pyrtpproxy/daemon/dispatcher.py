@@ -192,7 +192,7 @@ class Dispatcher:
         except _ErrorReply as exc:
             # rtpproxy answers some failures with a plain reply (an L for an
             # unknown session answers 0) but still counts them as errors.
-            reply = exc.reply
+            reply = exc.text
             self.counters.ncmds_errs += 1
         except RtppError as exc:
             reply = exc.reply()
@@ -899,12 +899,13 @@ _ANALYSIS_NAMES = frozenset(
 )
 
 
-class _ErrorReply(Exception):
-    """A failed command whose reply is not an E-code (counted as an error)."""
+class _ErrorReply(RtppError):
+    """A failed command whose reply is not an E-code (counted as an error);
+    callers other than the control protocol see it as E50."""
 
     def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
+        super().__init__(ECode.SESUNKN, "session not found")
+        self.text = reply
 
 
 # ---- jobs run in the media thread ---------------------------------------------------
