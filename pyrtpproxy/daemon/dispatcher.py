@@ -128,9 +128,8 @@ class Dispatcher:
         # rtpproxy's bind address list, newest first: the configured ones,
         # then every address an L<addr>/R<addr> modifier resolved to
         # ("learned"); U6/L6 without modifiers use the newest of the family.
-        self.bindaddrs: list[Iface] = []
-        for i in settings.ifaces + settings.labelled:
-            self._learn(i)
+        # (Configured ones are all kept, even two labels on one address.)
+        self.bindaddrs: list[Iface] = list(reversed(settings.ifaces + settings.labelled))
         self.draining = False
         self.on_schedule: Callable[[], None] = lambda: None  # timer wake-up
         self.on_empty: Callable[[], None] = lambda: None  # drain finished
@@ -155,9 +154,11 @@ class Dispatcher:
         self.counters.ncmds_rcvd_ndups += 1
 
     def _learn(self, iface: Iface) -> Iface:
-        """Add ``iface`` to the bind address list unless its address is there."""
+        """The newest bind address with ``iface``'s address (labelled or not,
+        as rtpproxy's addr2bindaddr), else ``iface``, added to the list."""
+        want = _ip_of(iface)
         for i in self.bindaddrs:
-            if i.family == iface.family and i.addr == iface.addr:
+            if i.family == iface.family and _ip_of(i) == want:
                 return i
         self.bindaddrs.insert(0, iface)
         env = getattr(self, "env", None)
@@ -291,9 +292,6 @@ class Dispatcher:
 
     def _local_iface(self, text: str) -> Iface:
         host = text[1:-1] if text.startswith("[") and text.endswith("]") else text
-        for i in self.settings.ifaces + self.settings.labelled:
-            if i.addr == host:
-                return i
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
@@ -315,9 +313,6 @@ class Dispatcher:
                 local = s.getsockname()[0]
         except (OSError, ValueError):
             raise RtppError(ECode.INVLARG_2) from None
-        for i in self.settings.ifaces + self.settings.labelled:
-            if i.addr == local:
-                return i
         return self._learn(Iface(fam, local))
 
     def _allocate(self, st: Stream, iface: Iface, new_session: bool) -> None:
@@ -897,6 +892,15 @@ _ANALYSIS_NAMES = frozenset(
         "rtpa_javg",
     }
 )
+
+
+def _ip_of(i: Iface) -> Any:
+    if i.addr is None:
+        return ipaddress.ip_address("::" if i.family == socket.AF_INET6 else "0.0.0.0")
+    try:
+        return ipaddress.ip_address(i.addr)
+    except ValueError:
+        return i.addr
 
 
 class _ErrorReply(RtppError):
