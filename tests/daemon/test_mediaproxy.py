@@ -399,14 +399,16 @@ async def test_summary_sessions_and_stats(nursery, tmp_path):
 class FakeMI:
     """OpenSIPS's mi_datagram socket: records requests, answers like 3.4."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    def __init__(self, kind: str, path: str) -> None:
+        self.kind = kind
+        raw = socket.socket(socket.AF_UNIX if kind == "unix" else socket.AF_INET, socket.SOCK_DGRAM)
+        raw.bind(path if kind == "unix" else ("127.0.0.1", 0))
+        self.addr = path if kind == "unix" else raw.getsockname()
+        self.sock = trio.socket.from_stdlib_socket(raw)
         self.requests: list[dict] = []
         self.got = trio.Event()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await self.sock.bind(self.path)
         task_status.started()
         while True:
             data, addr = await self.sock.recvfrom(65536)
@@ -418,13 +420,12 @@ class FakeMI:
                 await self.sock.sendto(json.dumps(answer).encode(), addr)
 
 
-async def test_media_timeout_ends_the_dialog(nursery, tmp_path, autojump_clock, caplog):
+@pytest.mark.parametrize("kind", ["unix", "udp"])
+async def test_media_timeout_ends_the_dialog(nursery, tmp_path, autojump_clock, caplog, kind):
     caplog.set_level(logging.INFO, logger="pyrtpproxy.mediaproxy")
-    mi = FakeMI(str(tmp_path / "opensips.mi"))
+    mi = FakeMI(kind, str(tmp_path / "opensips.mi"))
     await nursery.start(mi.run)
-    mp = await start_mp(
-        nursery, tmp_path, mi=("unix", mi.path), clock=trio.current_time, ttl=30, setup_ttl=30
-    )
+    mp = await start_mp(nursery, tmp_path, mi=(kind, mi.addr), clock=trio.current_time, ttl=30, setup_ttl=30)
     a, b = await peers()
     c = await mp.connect()
     cid = "timeout@x"
@@ -485,4 +486,18 @@ async def test_setup_ttl_until_the_answer(nursery, tmp_path, autojump_clock):
     st = mp.svc.stats()
     assert [x["call_id"] for x in st["calls"]] == ["ans@x"]
     assert st["ended"][-1]["call_id"] == "ring@x" and st["ended"][-1]["timed_out"] is True
+    c.close()
+
+
+async def test_unreachable_mi_is_logged_and_counted(nursery, tmp_path, autojump_clock):
+    mp = await start_mp(
+        nursery, tmp_path, mi=("unix", str(tmp_path / "nobody")), clock=trio.current_time, ttl=5, setup_ttl=5
+    )
+    c = await mp.connect()
+    ports_of(await c.ask(update("request", "mi@x", 1, "A", "", audio(40000), dialog_id="42")))
+    ports_of(await c.ask(update("reply", "mi@x", 1, "A", "B", audio(40002), dialog_id="42")))
+    with trio.fail_after(30):
+        while mp.svc.totals.mi_failed == 0:
+            await trio.sleep(1)
+    assert mp.svc.stats()["calls_timed_out"] == 1 and mp.svc.totals.dialogs_ended == 0
     c.close()
