@@ -5,7 +5,7 @@
 #   make test        unit tests + Kamailio compat tests. On a fresh Debian 12
 #                    run as root, it installs what the tests need
 #                    (kamailio, sip-tester, tshark, mandoc, nftables,
-#                    libnftables1, iproute2) with apt-get.
+#                    libnftables1, iproute2, redis-server) with apt-get.
 #   make check       layering contracts, ruff lint/format, mypy (part of test)
 #   make lint-man    check the man page with mandoc
 #
@@ -26,13 +26,13 @@ PYTEST_ARGS ?= -q
 # Seconds: a hung test run is killed well before the 15-minute CI budget.
 TEST_TIMEOUT ?= 840
 
-APT_PACKAGES := kamailio sip-tester tshark mandoc nftables libnftables1 iproute2
+APT_PACKAGES := kamailio sip-tester tshark mandoc nftables libnftables1 iproute2 redis-server
 KAMAILIO_RTPPROXY_SO ?= /usr/lib/x86_64-linux-gnu/kamailio/modules/rtpproxy.so
 
 .PHONY: help run test check test-deps venv-deps lint-man
 
 help:
-	@sed -n '3,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,10p' Makefile | sed 's/^# \{0,1\}//'
 
 run: $(STAMP)
 	$(VENV)/bin/pyrtpproxy $(ARGS)
@@ -85,7 +85,7 @@ venv-deps:
 
 test-deps:
 	@pkgs=; missing=; \
-	for c in kamailio sipp tshark mandoc nft ip; do \
+	for c in kamailio sipp tshark mandoc nft ip redis-server; do \
 	  command -v $$c >/dev/null 2>&1 || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; \
 	done; \
 	[ -e $(KAMAILIO_RTPPROXY_SO) ] || missing="$$missing $(KAMAILIO_RTPPROXY_SO)"; \

@@ -66,6 +66,8 @@ class Server:
         # ... and synchronous clean-ups, run after every session was closed
         # (recordings flushed) and before the media engine stops.
         self.closers: list[Callable[[], None]] = []
+        # ... and these before the sessions are closed (--state's last write).
+        self.before_close: list[Callable[[], None]] = []
         # sd_notify (issue 5): called with "ready" (serving, pid written),
         # "draining" (SIGHUP) and "stopping" (shutdown); see announce().
         self.on_state: list[Callable[[str], None]] = []
@@ -137,6 +139,11 @@ class Server:
             return
         self._closed = True
         try:
+            for fn in self.before_close:
+                try:
+                    fn()
+                except Exception:  # pragma: no cover
+                    log.exception("clean-up failed")
             self.dispatcher.close_all()
         finally:
             for fn in reversed(self.closers):
@@ -364,6 +371,9 @@ def attach_extensions(server: Server, cfg: Any) -> None:
     attach_recorder(server, cfg)
     attach_mediaproxy(server, cfg)
     attach_kernel(server, cfg)
+    from .state import attach as attach_state
+
+    attach_state(server, cfg)  # last: its service restores sessions before READY
 
 
 def attach_kernel(server: Server, cfg: Any) -> None:

@@ -65,6 +65,8 @@ LONG_OPTS = [
     "mediaproxy=",
     "mediaproxy-mi=",
     "analyze",
+    "state=",
+    "state-node=",
 ]
 _OPTIONAL_ARG_LONG = frozenset({"overload_prot", "kernel"})
 MONOTONIC_CLOCK_NAME = "CLOCK_MONOTONIC"  # what time.monotonic() reads on Linux
@@ -85,6 +87,7 @@ usage: {PROG} [-2abDfFiPRv] [-l addr|in/out|label@addr[=adv]]...
          [--strict-source]
          [--mediaproxy unix:path]... [--mediaproxy-mi unix:path|udp:host:port|none]
          [--analyze]
+         [--state sqlite:path|redis://host:port/db] [--state-node id]
        {PROG} -V | -v | -C
 """
 
@@ -435,6 +438,14 @@ def build_config(argv: Sequence[str]) -> Config:
                     raise ConfigError(str(exc)) from None
             case "--analyze":
                 kw["analyze"] = True
+            case "--state":
+                if not (arg.startswith(("sqlite:", "redis://", "rediss://"))):
+                    raise ConfigError(f"--state {arg}: expected sqlite:PATH or redis://HOST:PORT/DB")
+                kw["state"] = arg
+            case "--state-node":
+                if not arg or any(c.isspace() for c in arg):
+                    raise ConfigError(f"--state-node {arg!r}: argument is invalid")
+                kw["state_node"] = arg
             case _:  # pragma: no cover - getopt only returns declared options
                 raise UsageError(f"invalid option -- '{opt.lstrip('-')}'")
 

@@ -152,6 +152,8 @@ class Config:
     mediaproxy_sockets: tuple[str, ...] = ()  # --mediaproxy: dispatcher socket paths
     mediaproxy_mi: str | None = "unix:/run/opensips/socket"  # --mediaproxy-mi (None: off)
     analyze: bool = False  # --analyze: RTP analysis (rtpa_* counters) for every session
+    state: str | None = None  # --state sqlite:PATH | redis://HOST:PORT/DB
+    state_node: str | None = None  # --state-node (default: the host name)
 
     @property
     def internal(self) -> BindAddr:

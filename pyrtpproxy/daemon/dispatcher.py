@@ -138,6 +138,10 @@ class Dispatcher:
         # Called as fn(session, now, timed_out) when a session is destroyed,
         # before its sockets close (its counters are still readable).
         self.on_gone: list[Callable[[Session, float, bool], None]] = []
+        # --state: called once per answered command; may return an async
+        # function the reply waits for (the change is durable).
+        self.on_answered: Callable[[Any], Any] = lambda cmd: None
+        self._durable: Any = None
         self._pps_sample = (clock(), 0)
         self._lock: Any = None  # a trio.Lock, made on first use inside Trio
         # Hooks the recording/playback issues fill in.
@@ -182,13 +186,20 @@ class Dispatcher:
     async def handle(self, data: bytes, peer_host: str | None = None) -> bytes:
         """Run one command; commands never interleave (rtpproxy's global lock)."""
         async with self.lock:
-            return await self._handle(data, peer_host)
+            out = await self._handle(data, peer_host)
+            wait, self._durable = self._durable, None
+        if wait is not None:
+            await wait()  # --state: the reply leaves once its change is durable
+        return out
 
     async def _handle(self, data: bytes, peer_host: str | None) -> bytes:
         log.debug('received command "%s"', data.decode("utf-8", "replace").rstrip("\r\n"))
         try:
             cmd = self._parse(data, self.env)
-            reply = await self.execute(cmd, peer_host)
+            try:
+                reply = await self.execute(cmd, peer_host)
+            finally:
+                self._durable = self.on_answered(cmd)
             self.counters.ncmds_succd += 1
         except _ErrorReply as exc:
             # rtpproxy answers some failures with a plain reply (an L for an

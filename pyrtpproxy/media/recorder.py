@@ -467,8 +467,9 @@ class Recorder:
         return fd
 
     # ---- opening files ---------------------------------------------------------------
-    def _open_channel(self, name: str, *, single: bool, label: str) -> Channel | None:
-        """Open (truncate) ``name`` in the spool or recording directory."""
+    def _open_channel(self, name: str, *, single: bool, label: str, append: bool = False) -> Channel | None:
+        """Open (truncate) ``name`` in the spool or recording directory;
+        ``append``: reopen the file a previous run was writing (--state)."""
         o = self.opts
         if o.record_dir is None:
             log.error("directory for saving local recordings is not configured")
@@ -485,7 +486,10 @@ class Recorder:
             recfmt.resolve_in(where, name)
             rfd = self._dir_fd(o.record_dir)
             dfd = self._dir_fd(where)
-            if old is not None and not old.closed:
+            existed = False
+            if append and old is None:
+                fd, dfd, spool, existed = _reopen(name, dfd, rfd, spool)
+            elif old is not None and not old.closed:
                 # The previous file of that name is still being closed (and
                 # moved out of the spool): open the new one after it, in order.
                 fd = -2
@@ -498,7 +502,7 @@ class Recorder:
         ch = Channel(
             name=name, fd=fd, spool=spool, pcap=o.pcap, single=single, label=label, dir_fd=dfd, rdir_fd=rfd
         )
-        if o.pcap:
+        if o.pcap and not existed:
             ch.buf += recfmt.pcap_file_header()
         if not self.writer.running and not self._closed:
             self.writer.start()
@@ -763,6 +767,17 @@ class Recorder:
         self._detach(taps)
         return True
 
+    def resume(self, s: Session, st: Stream, name: str, single: bool) -> bool:
+        """--state restore: ``st`` feeds ``name`` again, appended to where a
+        previous run of the relay left it (spool or recording directory)."""
+        ch = self.by_name.get(name)
+        if ch is None or ch.closed:
+            ch = self._open_channel(name, single=single, label=name, append=True)
+            if ch is None:
+                return False
+        self._attach(st, ch)
+        return True
+
     def on_created(self, s: Session) -> None:
         """-a: record both directions of every new session."""
         single = self.opts.pcap
@@ -871,6 +886,20 @@ class Recorder:
 
 
 # ---- media-thread pieces -------------------------------------------------------------------
+def _reopen(name: str, dfd: int, rfd: int, spool: bool) -> tuple[int, int, bool, bool]:
+    """(fd, dir_fd, spool, existed): ``name`` opened for appending where it
+    is (the spool first), or created afresh in ``dfd``."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    for d, sp in ((dfd, spool), (rfd, False)):
+        try:
+            fd = os.open(name, flags, dir_fd=d)
+        except FileNotFoundError:
+            continue
+        existed = os.fstat(fd).st_size > 0
+        return fd, d, sp, existed
+    return create_file(name, dfd), dfd, spool, False
+
+
 def _noop() -> None:
     pass
 
