@@ -238,17 +238,21 @@ def test_stranger_spraying_ports_gets_nothing(relay):
         stranger.sendto(rtp(7, 0x666), (RA_ADDR, port))
         stranger2.sendto(rtp(7, 0x666), (RB_ADDR, port))
     # The parties get nothing of it; the next packets are their own.
-    call.a.settimeout(0.5)
-    call.b.settimeout(0.5)
     got = call.a_to_b(1)
     assert got[0][0][8:12] == b"\x00\x00\xaa\xaa"
     back = call.b_to_a(1)
     assert back[0][0][8:12] == b"\x00\x00\xbb\xbb"
-    stranger.settimeout(0.3)
-    stranger2.settimeout(0.3)
+    # ... and the strangers got nothing back (ICMP errors aside).
     for s in (stranger, stranger2):
-        with pytest.raises(TimeoutError):
-            s.recvfrom(2048)
+        s.setblocking(False)
+        while True:
+            try:
+                data = s.recv(2048)
+            except ConnectionRefusedError:
+                continue
+            except BlockingIOError:
+                break
+            raise AssertionError(f"a stranger received {data!r}")
     # The kernel state still names only the latched parties.
     t = relay.table()
     keys = json.dumps(t["in4"])
