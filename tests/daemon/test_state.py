@@ -381,8 +381,16 @@ def test_kill_between_durable_write_and_reply(tmp_path, cleanup):
 # ---- the store goes away and comes back ------------------------------------------------------
 
 
+def _stats(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+        return json.loads(r.read())["state"]
+
+
 def test_redis_disappears_and_returns(tmp_path, cleanup, redis_server):
-    relay = Relay(tmp_path, redis_server.url)
+    mport = free_port(socket.SOCK_STREAM)
+    relay = Relay(tmp_path, redis_server.url, "--metrics", f"tcp:127.0.0.1:{mport}")
     cleanup.append(relay)
     relay.start()
     c1 = Call(relay, "up")
@@ -404,10 +412,13 @@ def test_redis_disappears_and_returns(tmp_path, cleanup, redis_server):
     while set(redis_server.sessions("n1")) != {json.dumps(["during", "ft"], separators=(",", ":"))}:
         assert time.monotonic() < deadline, redis_server.sessions("n1")
         time.sleep(0.1)
+    st = _stats(mport)  # the outage was counted, the catch-up written
+    assert st["commit_errors"] > 0 and st["store_down"] == 0 and st["node"] == "n1"
     relay.kill9()
     relay.start()
     c2.exchange()
     assert relay.cmd("Q up ft tt") == "E50"
+    assert _stats(mport)["restored"] == 1
 
 
 def test_sqlite_file_locked_by_another_writer_is_survived(tmp_path, cleanup):

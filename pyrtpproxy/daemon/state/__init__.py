@@ -191,6 +191,12 @@ class StateKeeper:
                 del self.known[s.call_id]
         self._queue(k, None)
 
+    def statistics(self) -> dict[str, Any]:
+        """The ``state`` section of /stats and /metrics."""
+        d = attrs.asdict(self.stats)
+        d.update(store_down=int(self.down), pending=len(self.pending), node=self.node)
+        return d
+
     # ---- the media thread's side ----------------------------------------------------
     def on_latch(self, st: Any) -> None:
         """Media thread: a stream latched or re-latched.  Never blocks."""
@@ -411,7 +417,7 @@ class StateKeeper:
                 table = d.ports[rtp.family] = PortTable(
                     sett.port_min, sett.port_max, sequential=sett.sequential
                 )
-            table.in_use.add(rtp.port)
+            table.in_use[rtp.port] += 1  # (a Counter: ports may be shared)
             for st, sock in ((rtp, a), (rtp.rtcp_twin, b)):
                 st.sock = sock
                 st.fd = sock.fileno()
@@ -516,4 +522,5 @@ def attach(server: Any, cfg: Any) -> StateKeeper | None:
     server.before_close.append(keeper.final_flush)
     server.closers.append(keeper.close)
     server.state = keeper
+    server.__dict__.setdefault("stats_sections", {})["state"] = keeper.statistics
     return keeper
