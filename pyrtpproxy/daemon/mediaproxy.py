@@ -254,6 +254,7 @@ class MediaProxyService:
         self.started = time.monotonic()
         self._mi_send: Any = None
         self._mi_ids = 0
+        self._bps_sample = (time.monotonic(), 0)
         self.d.on_gone.append(self._on_gone)
 
     # ---- requests (run under the dispatcher's lock) -------------------------------
@@ -328,8 +329,21 @@ class MediaProxyService:
             "uptime": int(time.monotonic() - self.started),
             "session_count": len(self.calls),
             "stream_count": self.calls.stream_counts(),
-            "bps_relayed": 0,
+            "bps_relayed": self._bps(),
         }
+
+    def _bps(self) -> int:
+        """Bits per second relayed since the previous summary."""
+        total = self.totals.bytes
+        for c in self.calls.calls.values():
+            for s in c.all_streams():
+                if s.handle is not None:
+                    for i in (0, 1):
+                        total += self.backend.counters(s.handle, i)[1]
+        t0, b0 = self._bps_sample
+        t = time.monotonic()
+        self._bps_sample = (t, total)
+        return int(max(0, total - b0) * 8 / (t - t0)) if t > t0 else 0
 
     # ---- end of calls ---------------------------------------------------------------
     def _on_gone(self, s: Session, now: float, timeout: bool) -> None:

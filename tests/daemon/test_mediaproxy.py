@@ -501,3 +501,25 @@ async def test_unreachable_mi_is_logged_and_counted(nursery, tmp_path, autojump_
             await trio.sleep(1)
     assert mp.svc.stats()["calls_timed_out"] == 1 and mp.svc.totals.dialogs_ended == 0
     c.close()
+
+
+async def test_reply_address_wildcard_and_advertised(nursery, tmp_path):
+    from pyrtpproxy.daemon.dispatcher import Iface
+
+    # -l * : bind on the address that routes towards the party, answer it
+    mp = await start_mp(nursery, tmp_path, ifaces=(Iface(socket.AF_INET, None),))
+    c = await mp.connect()
+    a, b = await peers()
+    (b_port,) = ports_of(await c.ask(update("request", "wild@x", 1, "A", "", audio(a.port))))
+    (a_port,) = ports_of(await c.ask(update("reply", "wild@x", 1, "A", "B", audio(b.port))))
+    await check_media(mp, a, a_port, b, b_port, n=3)
+    c.close()
+    # -l 127.0.0.1=203.0.113.5 (advertised address): the reply names it
+    (tmp_path / "adv").mkdir()
+    mp2 = await start_mp(
+        nursery, tmp_path / "adv", ifaces=(Iface(socket.AF_INET, "127.0.0.1", "203.0.113.5"),)
+    )
+    c2 = await mp2.connect()
+    reply = await c2.ask(update("request", "adv@x", 1, "A", "", audio(a.port)))
+    assert re.match(rb"^203\.0\.113\.5 \d+\r\n$", reply), reply
+    c2.close()
