@@ -139,3 +139,59 @@ def test_disabled_streams_take_no_ports():
     # the answer leaves the audio out too: rejected, ports freed
     r = calls.update(upd("reply", 1, "A", "B", "audio:2.2.2.2:0:sendrecv"), 1)
     assert ports(r) == [0, 0] and not be.open_streams
+
+
+# ---- any sequence of requests: replies in the grammar, no ports leaked ------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_tags = st.sampled_from(["A", "B", "C"])
+_item = st.builds(
+    lambda t, ip, port, d: f"{t}:{ip}:{port}:{d}",
+    st.sampled_from(["audio", "video"]),
+    st.sampled_from(["1.1.1.1", "2.2.2.2", "0.0.0.0"]),
+    st.sampled_from([0, 1000, 2000]),
+    st.sampled_from(["sendrecv", "sendonly", "inactive"]),
+)
+_update = st.builds(
+    lambda typ, cseq, ft, tt, items: ("u", typ, cseq, ft, tt, ",".join(items)),
+    st.sampled_from(["request", "reply"]),
+    st.integers(1, 4),
+    _tags,
+    st.one_of(st.none(), _tags),
+    st.lists(_item, max_size=3),
+)
+_remove = st.builds(lambda ft, tt: ("r", ft, tt), _tags, st.one_of(st.none(), _tags))
+_gone = st.builds(lambda i, t: ("g", i, t), st.integers(0, 5), st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_update, _remove, _gone), max_size=25))
+def test_any_request_sequence(ops):
+    be = FakeBackend()
+    calls = M.Calls(be)
+    now = 0.0
+    for op in ops:
+        now += 1
+        if op[0] == "u":
+            _, typ, cseq, ft, tt, media = op
+            try:
+                reply = calls.update(upd(typ, cseq, ft, tt, media or None), now)
+            except P.MPError:
+                continue
+            assert reply == P.REPLY_NONE or reply.startswith(b"10.0.0.1 ") and reply.endswith(b"\r\n")
+        elif op[0] == "r":
+            reply, _ = calls.remove(P.Remove("c", op[1], op[2]), now)
+            assert reply in (P.REPLY_REMOVED, P.REPLY_ERROR)
+        else:
+            handles = list(be.open_streams.values())
+            if handles:
+                h = handles[op[1] % len(handles)]
+                be.open_streams.pop(id(h))
+                calls.stream_gone(h, now, timeout=op[2])
+        # every open relay stream belongs to a live call's stream
+        owned = {id(s.handle) for c in calls.calls.values() for s in c.all_streams() if s.handle is not None}
+        assert set(be.open_streams) == owned
+    for c in list(calls.calls.values()):
+        calls.remove(P.Remove("c", c.from_tag, None), now + 1)
+    assert not be.open_streams and not calls.calls
