@@ -523,3 +523,29 @@ async def test_reply_address_wildcard_and_advertised(nursery, tmp_path):
     reply = await c2.ask(update("request", "adv@x", 1, "A", "", audio(a.port)))
     assert re.match(rb"^203\.0\.113\.5 \d+\r\n$", reply), reply
     c2.close()
+
+
+async def test_record_all_records_mediaproxy_calls(nursery, tmp_path):
+    """-a: a MediaProxy call's streams are sessions like any other, so they are recorded."""
+    from pyrtpproxy.media.recorder import RecOptions
+    from pyrtpproxy.media.recorder import attach as attach_recorder
+
+    rd = tmp_path / "rec"
+    rd.mkdir()
+    path = str(tmp_path / "dispatcher.sock")
+    server = Server(settings(port_min=PORT_MIN, port_max=PORT_MAX), [])
+    rec = attach_recorder(server, RecOptions(record_dir=str(rd), record_all=True))
+    svc = MPD.attach_service(server, MPD.bind_sockets([path]), None)
+    await nursery.start(server.run)
+    mp = MP(server, svc, path)
+    a, b = await peers()
+    c = await mp.connect()
+    (b_port,) = ports_of(await c.ask(update("request", "rec@x", 1, "A", "", audio(a.port))))
+    (a_port,) = ports_of(await c.ask(update("reply", "rec@x", 1, "A", "B", audio(b.port))))
+    await check_media(mp, a, a_port, b, b_port, n=4)
+    assert await c.ask(remove("rec@x", "A", "B")) == b"removed\r\n"
+    await rec.sync()
+    names = sorted(p.name for p in rd.iterdir())
+    assert names and all(n.startswith("rec@x=A") for n in names), names
+    assert any(n.endswith(".rtp") and (rd / n).stat().st_size > 4 * 172 for n in names), names
+    c.close()
