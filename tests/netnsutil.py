@@ -24,6 +24,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 A_ADDR, A_ADDR2, RA_ADDR = "10.71.1.2", "10.71.1.3", "10.71.1.1"
 B_ADDR, RB_ADDR = "10.71.2.2", "10.71.2.1"
+A6, RA6, B6, RB6 = "fd71:1::2", "fd71:1::1", "fd71:2::2", "fd71:2::1"
 
 
 def unavailable() -> str | None:
@@ -74,6 +75,16 @@ class Topology:
             self.sh(self.a, f"ip addr add {A_ADDR2}/24 dev va")
             self.sh(self.a, f"ip route add default via {RA_ADDR}")
             self.sh(self.b, f"ip route add default via {RB_ADDR}")
+            for ns, dev, addr in (
+                (self.a, "va", A6),
+                (self.r, "vra", RA6),
+                (self.b, "vb", B6),
+                (self.r, "vrb", RB6),
+            ):
+                self.sh(ns, f"ip -6 addr add {addr}/64 dev {dev} nodad")
+            self.sh(self.a, f"ip -6 route add default via {RA6}")
+            self.sh(self.b, f"ip -6 route add default via {RB6}")
+            self.sysctl(self.r, "net.ipv6.conf.all.forwarding", "1")
             self.sysctl(self.r, "net.ipv4.ip_forward", "1")
             self.sysctl(self.r, "net.ipv4.conf.all.send_redirects", "0")
         except BaseException:
@@ -145,7 +156,7 @@ class Topology:
 
     def udp(self, ns: int, addr: str, port: int = 0) -> socket.socket:
         with inside(ns):
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((addr, port))
         s.settimeout(5.0)
         return s

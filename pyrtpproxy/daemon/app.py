@@ -409,7 +409,11 @@ def attach_kernel(server: Server, cfg: Any) -> None:
     server.kernel = kp
     # /metrics (rtpproxy_kernel_*) and /stats ("kernel")
     server.__dict__.setdefault("stats_sections", {})["kernel"] = kp.stats
-    log.info("kernel fast path on: nftables table inet %s", kp.table)
+    log.info(
+        "kernel fast path on: nftables table inet %s%s",
+        kp.table,
+        "" if kp.ipv6 else "; IPv6 calls stay in userspace (net.ipv6.conf.all.forwarding is 0)",
+    )
 
 
 async def _main(server: Server, proc: Any = None, gate: Any = None) -> int:

@@ -18,8 +18,10 @@ in-process through libnftables (ctypes; no subprocess per rule):
 No conntrack entry is made for forwarded packets, so there is none to
 clean up: removing a map element stops the forwarding at once, and
 deleting the table removes everything (at start, which cleans up after a
-relay killed with -9, and at exit).  Every other packet (a stranger, the
-party from a new address, IPv6, RTCP before it latches) misses the map and
+relay killed with -9, and at exit).  IPv6 has the same maps and chains
+(``in6``, ``src6``) and is used when the host forwards IPv6.  Every other
+packet (a stranger, the party from a new address, RTCP before it latches)
+misses the map and
 reaches the socket as before: latching stays in userspace, and the kernel
 state follows it.
 
@@ -121,62 +123,87 @@ delete table inet {table}
 table inet {table} {{
   map in4 {{ type inet_service . ipv4_addr . inet_service : verdict; }}
   map src4 {{ type inet_service . ipv4_addr . inet_service : ipv4_addr; }}
+  map in6 {{ type inet_service . ipv6_addr . inet_service : verdict; }}
+  map src6 {{ type inet_service . ipv6_addr . inet_service : ipv6_addr; }}
   chain pre {{
     type filter hook prerouting priority -300; policy accept;
     udp dport . ip saddr . udp sport vmap @in4;
+    udp dport . ip6 saddr . udp sport vmap @in6;
   }}
   chain post {{
     type filter hook postrouting priority 100; policy accept;
     ip saddr set udp sport . ip daddr . udp dport map @src4;
+    ip6 saddr set udp sport . ip6 daddr . udp dport map @src6;
   }}
 }}
 """
 
 
-def _addr(text: str) -> str:
-    """Validated IPv4 text (never pass unchecked text into a ruleset)."""
-    return str(ipaddress.IPv4Address(text))
+def _v6(f: K.Flow) -> bool:
+    return f.family == socket.AF_INET6
+
+
+def _addr(text: str, v6: bool = False) -> str:
+    """Validated address text (never pass unchecked text into a ruleset)."""
+    return str(ipaddress.IPv6Address(text) if v6 else ipaddress.IPv4Address(text))
+
+
+def _names(f: K.Flow) -> tuple[str, str, str]:
+    """(chain, counter, family tag) of a flow: per family, as the port tables are."""
+    fam = "6" if _v6(f) else "4"
+    p = int(f.lport)
+    return f"s{fam}_{p}", f"c{fam}_{p}", fam
 
 
 def install_cmds(f: K.Flow, saddr: str, old: K.Flow | None, table: str = TABLE) -> list[str]:
-    p = int(f.lport)
     t = f"inet {table}"
+    chain, counter, fam = _names(f)
+    v6 = _v6(f)
+    ip = "ip6" if v6 else "ip"
     cmds = []
+    if old is not None and old.family != f.family:  # another family, another chain
+        cmds += remove_cmds(old, table)
+        old = None
     if old is not None:
         cmds += _unmap_cmds(old, table)
     else:
-        cmds += [f"add counter {t} c{p}", f"add chain {t} s{p}"]
-    match = f"ip daddr {_addr(f.laddr)} " if f.laddr else ""
-    dscp = f"ip dscp set {(int(f.tos) >> 2) & 0x3F} " if f.tos is not None else ""
+        cmds += [f"add counter {t} {counter}", f"add chain {t} {chain}"]
+    match = f"{ip} daddr {_addr(f.laddr, v6)} " if f.laddr else ""
+    dscp = ""
+    if f.tos is not None and not v6:
+        dscp = f"ip dscp set {(int(f.tos) >> 2) & 0x3F} "
     cmds += [
-        f"flush chain {t} s{p}",
-        f"add rule {t} s{p} {match}ip daddr set {_addr(f.dst)} udp dport set {int(f.dport)} "
-        f'udp sport set {int(f.out_port)} {dscp}counter name "c{p}" notrack accept',
-        f"add element {t} in4 {{ {p} . {_addr(f.src)} . {int(f.sport)} : goto s{p} }}",
-        f"add element {t} src4 {{ {int(f.out_port)} . {_addr(f.dst)} . {int(f.dport)} : {_addr(saddr)} }}",
+        f"flush chain {t} {chain}",
+        f"add rule {t} {chain} {match}{ip} daddr set {_addr(f.dst, v6)} udp dport set {int(f.dport)} "
+        f'udp sport set {int(f.out_port)} {dscp}counter name "{counter}" notrack accept',
+        f"add element {t} in{fam} {{ {int(f.lport)} . {_addr(f.src, v6)} . {int(f.sport)} : goto {chain} }}",
+        f"add element {t} src{fam} {{ {int(f.out_port)} . {_addr(f.dst, v6)} . {int(f.dport)} : "
+        f"{_addr(saddr, v6)} }}",
     ]
     return cmds
 
 
 def _unmap_cmds(f: K.Flow, table: str) -> list[str]:
     t = f"inet {table}"
+    v6 = _v6(f)
+    fam = "6" if v6 else "4"
     return [
-        f"delete element {t} in4 {{ {int(f.lport)} . {_addr(f.src)} . {int(f.sport)} }}",
-        f"delete element {t} src4 {{ {int(f.out_port)} . {_addr(f.dst)} . {int(f.dport)} }}",
+        f"delete element {t} in{fam} {{ {int(f.lport)} . {_addr(f.src, v6)} . {int(f.sport)} }}",
+        f"delete element {t} src{fam} {{ {int(f.out_port)} . {_addr(f.dst, v6)} . {int(f.dport)} }}",
     ]
 
 
 def remove_cmds(f: K.Flow, table: str = TABLE) -> list[str]:
     t = f"inet {table}"
-    p = int(f.lport)
-    return [*_unmap_cmds(f, table), f"delete chain {t} s{p}", f"delete counter {t} c{p}"]
+    chain, counter, _ = _names(f)
+    return [*_unmap_cmds(f, table), f"delete chain {t} {chain}", f"delete counter {t} {counter}"]
 
 
-def _is_local(addr: str) -> bool:
+def _is_local(addr: str, family: int = socket.AF_INET) -> bool:
     """A local address: DNAT'd traffic to it would be delivered here, not forwarded."""
-    if ipaddress.IPv4Address(addr).is_loopback:
+    if ipaddress.ip_address(addr).is_loopback:
         return True
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
         try:
             s.bind((addr, 0))
         except OSError:
@@ -184,10 +211,19 @@ def _is_local(addr: str) -> bool:
         return True
 
 
-def _route_src(dst: str, dport: int) -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+def _route_src(dst: str, dport: int, family: int = socket.AF_INET) -> str:
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.connect((dst, dport or 9))
         return s.getsockname()[0]
+
+
+def ipv6_forwarding() -> bool:
+    """The host forwards IPv6 (else IPv6 calls stay in userspace)."""
+    try:
+        with open("/proc/sys/net/ipv6/conf/all/forwarding") as fh:
+            return fh.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def probe(table: str = TABLE) -> Nft:
@@ -218,19 +254,21 @@ class KernelPath:
         table: str = TABLE,
         poll: float = POLL,
         dup_small: bool = False,
+        ipv6: bool | None = None,
     ) -> None:
         self.nft = nft
         self.engine = engine
         self.table = table
         self.poll = poll
         self.dup_small = dup_small
+        self.ipv6 = ipv6_forwarding() if ipv6 is None else ipv6
         self._cv = threading.Condition()
         self._pending: dict[Any, list[threading.Event]] = {}
         self._stop = False
         self._thread: threading.Thread | None = None
         # Worker-thread state: session -> {lport: Flow}; lport -> (stream, Flow).
         self._have: dict[Any, dict[int, K.Flow]] = {}
-        self._by_port: dict[int, Any] = {}
+        self._by_port: dict[tuple[int, int], Any] = {}
         self._failed: set[Any] = set()
         self.installed: set[Any] = set()  # sessions with kernel state (read by others)
         # session -> the flows the worker last decided on (before the local-peer
@@ -292,7 +330,7 @@ class KernelPath:
         empty: frozenset = frozenset()
         for s in sessions:
             if s.complete and s not in self._failed:
-                if frozenset(K.flows(s, dup_small=self.dup_small)) != decided.get(s, empty):
+                if frozenset(K.flows(s, dup_small=self.dup_small, ipv6=self.ipv6)) != decided.get(s, empty):
                     self.touch(s)
 
     async def run(self, sessions: Callable[[], Iterable[Any]], *, task_status: Any = None) -> None:
@@ -358,8 +396,8 @@ class KernelPath:
 
     def _want(self, s: Any) -> dict[int, K.Flow]:
         out = {}
-        for f in K.flows(s, dup_small=self.dup_small):
-            if _is_local(f.src) or _is_local(f.dst):
+        for f in K.flows(s, dup_small=self.dup_small, ipv6=self.ipv6):
+            if _is_local(f.src, f.family) or _is_local(f.dst, f.family):
                 return {}  # a peer on this host: DNAT'd traffic would not be forwarded
             out[f.lport] = f
         return out
@@ -372,7 +410,7 @@ class KernelPath:
                 self._failed.discard(s)
                 self._decided.pop(s, None)
             else:
-                self._decided[s] = frozenset(K.flows(s, dup_small=self.dup_small))
+                self._decided[s] = frozenset(K.flows(s, dup_small=self.dup_small, ipv6=self.ipv6))
             want = {} if (s in self._failed or s.deleted) else self._want(s)
             plans.append((s, want))
         if any(set(self._have.get(s, ())) - set(want) for s, want in plans):
@@ -391,7 +429,7 @@ class KernelPath:
                 old = have.get(p)
                 if old == f:
                     continue
-                saddr = f.out_addr or _route_src(f.dst, f.dport)
+                saddr = f.out_addr or _route_src(f.dst, f.dport, f.family)
                 cmds += install_cmds(f, saddr, old, self.table)
                 new.append(f)
             if cmds:
@@ -429,13 +467,13 @@ class KernelPath:
         have = self._have.setdefault(s, {})
         for f in gone:
             have.pop(f.lport, None)
-            self._by_port.pop(f.lport, None)
+            self._by_port.pop((f.family, f.lport), None)
             self.nflows -= 1
         for f in new:
             if f.lport not in have:
                 self.nflows += 1
             have[f.lport] = f
-            self._by_port[f.lport] = (_stream_of(s, f.lport), f)
+            self._by_port[(f.family, f.lport)] = (_stream_of(s, f.lport), f)
         if have:
             if s not in self.installed:
                 log.info("session relayed by the kernel", extra={"callid": getattr(s, "call_id", None)})
@@ -454,7 +492,7 @@ class KernelPath:
                     self.nft.run(c)
                 except KernelError:
                     pass
-            self._by_port.pop(f.lport, None)
+            self._by_port.pop((f.family, f.lport), None)
             self.nflows -= 1
         self.installed.discard(s)
 
@@ -475,11 +513,12 @@ class KernelPath:
             if not c:
                 continue
             n = int(c.get("packets", 0))
-            nbytes = int(c.get("bytes", 0)) - K.IPV4_UDP_HEADERS * n
             name = c.get("name", "")
-            if n <= 0 or not name.startswith("c"):
+            if n <= 0 or name[:1] != "c" or name[2:3] != "_":
                 continue
-            ent = self._by_port.get(int(name[1:]))
+            v6 = name[1] == "6"
+            nbytes = int(c.get("bytes", 0)) - (K.IPV6_UDP_HEADERS if v6 else K.IPV4_UDP_HEADERS) * n
+            ent = self._by_port.get((socket.AF_INET6 if v6 else socket.AF_INET, int(name[3:])))
             if ent is None:
                 continue
             books.append((ent[0], n, nbytes))

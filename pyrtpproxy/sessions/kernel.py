@@ -8,7 +8,8 @@ re-latching and the drop of strangers stay in userspace.
 
 A pipe (the two RTP streams, or the two RTCP streams) is forwarded only
 when nothing needs its packets in userspace: the session is complete, both
-streams are latched to a remote and symmetric, IPv4, on one local address,
+streams are latched to a remote and symmetric, IPv4 (or IPv6 when the
+host forwards it), on one local address,
 no prompt plays, nothing records, and no command holds it in userspace (R,
 C and P move a session back before they act).  :func:`flows` gives the
 forwarding entries the session wants now; the kernel side installs the
@@ -21,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from ..protocol.inet import AF_INET
+from ..protocol.inet import AF_INET, AF_INET6
 
 
 @attrs.frozen
@@ -37,14 +38,15 @@ class Flow:
     out_port: int  # the peer stream's local port
     out_addr: str | None  # the peer stream's local address (None: any)
     tos: int | None  # TOS the relay's socket would send with
+    family: int = AF_INET  # AF_INET or AF_INET6
 
 
-def _stream_ok(st: Any) -> bool:
+def _stream_ok(st: Any, ipv6: bool = False) -> bool:
     r = st.remote
     return (
         st.sock is not None
         and st.active
-        and st.family == AF_INET
+        and (st.family == AF_INET or (ipv6 and st.family == AF_INET6))
         and st.latched
         and not st.asymmetric
         and not st.on_hold
@@ -53,11 +55,11 @@ def _stream_ok(st: Any) -> bool:
         and st.hook is None  # analysed, re-packetised or forked: the slow path
         and r is not None
         and r[1] != 0
-        and r[0] not in ("0.0.0.0", "")
+        and r[0] not in ("0.0.0.0", "", "::")
     )
 
 
-def userspace_reason(s: Any, *, dup_small: bool = False) -> str | None:
+def userspace_reason(s: Any, *, dup_small: bool = False, ipv6: bool = False) -> str | None:
     """Why the session's RTP must stay in userspace, or None."""
     if s.deleted:
         return "deleted"
@@ -70,21 +72,21 @@ def userspace_reason(s: Any, *, dup_small: bool = False) -> str | None:
     if any(p is not None for p in s.players):
         return "playing"
     a, b = s.rtp
-    if not (_stream_ok(a) and _stream_ok(b)):
+    if not (_stream_ok(a, ipv6) and _stream_ok(b, ipv6)):
         return "not latched, asymmetric, IPv6, muted, recorded or on the slow path"
     if a.laddr != b.laddr:
         return "bridged"
     return None
 
 
-def _pipe(a: Any, b: Any) -> tuple[Flow, Flow] | None:
-    if not (_stream_ok(a) and _stream_ok(b)) or a.laddr != b.laddr:
+def _pipe(a: Any, b: Any, ipv6: bool) -> tuple[Flow, Flow] | None:
+    if not (_stream_ok(a, ipv6) and _stream_ok(b, ipv6)) or a.laddr != b.laddr:
         return None
     return _flow(a, b), _flow(b, a)
 
 
 def _local(addr: str | None) -> str | None:
-    return None if addr in (None, "", "0.0.0.0") else addr
+    return None if addr in (None, "", "0.0.0.0", "::") else addr
 
 
 def _flow(st: Any, peer: Any) -> Flow:
@@ -99,19 +101,24 @@ def _flow(st: Any, peer: Any) -> Flow:
         out_port=peer.port,
         out_addr=_local(peer.laddr),
         tos=peer.session.rtp[peer.index].tos,
+        family=st.family,
     )
 
 
-def flows(s: Any, *, dup_small: bool = False) -> tuple[Flow, ...]:
-    """The forwarding entries ``s`` wants now: RTP both ways, RTCP too if latched."""
-    if userspace_reason(s, dup_small=dup_small) is not None:
+def flows(s: Any, *, dup_small: bool = False, ipv6: bool = False) -> tuple[Flow, ...]:
+    """The forwarding entries ``s`` wants now: RTP both ways, RTCP too if latched.
+
+    ``ipv6``: the kernel path forwards IPv6 too (the host forwards it).
+    """
+    if userspace_reason(s, dup_small=dup_small, ipv6=ipv6) is not None:
         return ()
-    out = list(_pipe(s.rtp[0], s.rtp[1]) or ())
-    out.extend(_pipe(s.rtcp[0], s.rtcp[1]) or ())
+    out = list(_pipe(s.rtp[0], s.rtp[1], ipv6) or ())
+    out.extend(_pipe(s.rtcp[0], s.rtcp[1], ipv6) or ())
     return tuple(out)
 
 
 IPV4_UDP_HEADERS = 28  # what the kernel's byte counters add to each payload
+IPV6_UDP_HEADERS = 48
 
 
 def apply_counts(st: Any, npkts: int, now: float, nbytes: int = 0) -> None:

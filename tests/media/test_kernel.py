@@ -22,7 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.netnsutil import A_ADDR, A_ADDR2, B_ADDR, RA_ADDR, RB_ADDR, Topology, inside, unavailable
+from tests.netnsutil import (
+    A6,
+    A_ADDR,
+    A_ADDR2,
+    B6,
+    B_ADDR,
+    RA6,
+    RA_ADDR,
+    RB_ADDR,
+    Topology,
+    inside,
+    unavailable,
+)
 
 REASON = unavailable()
 if REASON is None and ctypes.util.find_library("nftables") is None:
@@ -448,3 +460,38 @@ def test_asymmetric_call_stays_in_userspace(relay):
     assert str(pl) not in json.dumps(relay.table()["in4"])
     assert relay.nflows() == 2
     call.close()
+
+
+def test_ipv6_call_forwarded_by_the_kernel(tmp_path):
+    r = KernelRelay(tmp_path, "--kernel", "-l", RA_ADDR, "-6", f"v6@{RA6}")  # both sides reach RA6
+    r.start()
+    try:
+        topo = r.topo
+        pu = int(r.cmd(f"U6 c6 {A6} 5000 ft").split()[0])  # the callee sends here
+        pl = int(r.cmd(f"L6 c6 {B6} 6000 ft tt").split()[0])  # the caller sends here
+        a, b = topo.udp(topo.a, A6, 5002), topo.udp(topo.b, B6, 6000)  # the caller is NAT'd
+        a.sendto(rtp(1, 0xAAAA), (RA6, pl))
+        assert b.recvfrom(2048)[1][:2] == (RA6, pu)
+        b.sendto(rtp(1, 0xBBBB), (RA6, pu))
+        assert a.recvfrom(2048)[1][:2] == (RA6, pl)
+
+        def in6() -> int:
+            t = json.loads(r.nft.run("list map inet pyrtpproxy in6", as_json=True))["nftables"]
+            return len(next(i["map"] for i in t if "map" in i).get("elem", []))
+
+        wait_for(lambda: in6() == 2, "the kernel to take the IPv6 call")
+        with stopped(r.proc):
+            for i in range(2, 12):
+                a.sendto(rtp(i, 0xAAAA), (RA6, pl))
+                data, src = b.recvfrom(2048)
+                assert src[:2] == (RA6, pu) and data == rtp(i, 0xAAAA)
+                b.sendto(rtp(i, 0xBBBB), (RA6, pu))
+                assert a.recvfrom(2048)[1][:2] == (RA6, pl)
+        reply = r.cmd("Q c6 ft tt nrelayed")
+        wait_for(lambda: int(r.cmd("Q c6 ft tt nrelayed")) == 22, f"kernel counters in Q ({reply})")
+        assert r.cmd("D c6 ft tt") == "0"
+        wait_for(lambda: in6() == 0, "D to remove the IPv6 flows")
+        a.close()
+        b.close()
+    finally:
+        r.close()

@@ -64,6 +64,13 @@ def test_reasons_to_stay_in_userspace():
     assert changed(lambda s: s.players.__setitem__(0, object())) == ()
     assert changed(lambda s: setattr(s.rtp[0], "laddr", "10.9.9.9")) == ()  # bridged
     assert K.flows(latched_session(), dup_small=True) == ()
+    # IPv6 only where the host forwards it
+    v6 = latched_session()
+    for st in v6.streams():
+        st.family = AF_INET6
+        st.remote = ("fd00::2",) + tuple(st.remote[1:]) + (0, 0)
+    assert K.flows(v6) == ()
+    assert {f.family for f in K.flows(v6, ipv6=True)} == {AF_INET6}
     assert K.userspace_reason(latched_session()) is None
 
 
