@@ -82,7 +82,15 @@ class KernelRelay:
         self.proc = self.topo.popen(self.topo.r, argv, stdout=self.log, stderr=subprocess.STDOUT)
         wait_for(lambda: self.ctl.exists() or self.proc.poll() is not None, "the control socket")
         assert self.proc.poll() is None, self.logtext()
-        assert self.cmd("V") == "20040107"  # served: start-up (the kernel path's set-up) is over
+
+        def served() -> bool:  # start-up (the kernel path's set-up) is over
+            assert self.proc.poll() is None, self.logtext()
+            try:
+                return self.cmd("V") == "20040107"
+            except OSError:  # bound, not listening yet
+                return False
+
+        wait_for(served, "the relay to serve")
 
     def logtext(self) -> str:
         return (self.tmp / "relay.log").read_text(errors="replace")
