@@ -176,7 +176,7 @@ def unshift(text: str, lo: int, hi: int, delta: int) -> str:
         v = int(m.group())
         return str(v - delta) if nlo <= v <= nhi else m.group()
 
-    return re.sub(r"(?<![\w.:])\d{4,5}(?![\w.:])", sub, text)
+    return re.sub(r"(?<![\w.:=])\d{4,5}(?![\w.:])", sub, text)
 
 
 def run_ours(

@@ -32,3 +32,10 @@ def test_corpus_is_large() -> None:
     assert len(cmds) >= 300
     letters = {c.split()[0][0].upper() for c in cmds if c.split()}
     assert set("UDLQGIVRCNPSX") <= letters
+
+
+def test_unshift_moves_only_ports_of_the_range() -> None:
+    text = "47002 127.0.0.1 && 47011 ::1 6\nnsess_created=47002 1.47002.1 9\n"
+    got = rtpdiff.unshift(text, 46000, 46010, 1002)
+    assert got == "46000 127.0.0.1 && 46009 ::1 6\nnsess_created=47002 1.47002.1 9\n"
+    assert rtpdiff.unshift(text, 46000, 46010, 0) == text
