@@ -451,11 +451,13 @@ class Dispatcher:
             s.notify_tag = None
             if cmd.notify_socket is not None:
                 self._arm_notify(s, cmd, peer_host)
-        if cmd.mods.codecs is not None:
-            s.codecs[1 - pidx] = cmd.mods.codecs
-            s.codecs_text[1 - pidx] = cmd.mods.codecs_text
-        if cmd.mods.ptime is not None:
-            s.ptime[1 - pidx] = cmd.mods.ptime
+        # rtpproxy: every U/L replaces the codec list of the stream facing
+        # the command's party (none without c) and the ptime P uses on the
+        # command's own stream (none without Z): "P ... session" towards a
+        # party plays that party's codecs at the ptime the other one asked.
+        s.codecs[1 - pidx] = cmd.mods.codecs
+        s.codecs_text[1 - pidx] = cmd.mods.codecs_text
+        s.ptime[pidx] = cmd.mods.ptime
         if s.shard is None and (cmd.mods.ptime is not None or party.hook is not None):
             # Z<ms>: RTP from this command's party is re-packetised; a U/L
             # without Z ends an earlier one (rtpproxy's rule)

@@ -259,7 +259,9 @@ async def test_waits_for_the_party_address(nursery, tmp_path):
 async def test_session_codecs_and_ptime(nursery, tmp_path):
     relay, _ = await start(nursery)
     a, b = await Peer().bind(), await Peer().bind()
-    await call(relay, a, b, umods="c18,8,0Z20")  # A's own codecs and ptime
+    # A's codecs; the ptime of prompts towards A is the one B's L asks for
+    # (rtpproxy stores Z on the command's own stream, c on the other)
+    await call(relay, a, b, umods="c18,8,0", lmods="Z20")
     base, _ = make_prompt(tmp_path, "s", 8, 16)  # 16*80 bytes = 8 packets of 160
     make_prompt(tmp_path, "s", 0, 16)
     # no .18: the first existing one in A's list is .8, packetised at 20 ms
@@ -270,6 +272,14 @@ async def test_session_codecs_and_ptime(nursery, tmp_path):
     within(pacing(pkts, 20), 20)
     # B gave no c list: E35 (after stopping anything that played)
     assert await relay.cmd(f"P call {base} session tB;1 fA;1") == "E35"
+    # a U without c clears A's list, a U without Z the ptime it set
+    await relay.cmd(f"U call 127.0.0.1 {a.port} fA;1")
+    assert await relay.cmd(f"P call {base} session fA;1 tB;1") == "E35"
+    await relay.cmd(f"Uc8 call 127.0.0.1 {a.port} fA;1")
+    await relay.cmd(f"L call 127.0.0.1 {b.port} fA;1 tB;1")
+    assert await relay.cmd(f"P call {base} session fA;1 tB;1") == "0"
+    pkts = await collect(a, 16)
+    assert all(p.pt == 8 and len(p.payload) == 80 for p, _, _ in pkts[-8:])
 
 
 async def test_errors(nursery, tmp_path):
