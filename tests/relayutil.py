@@ -49,6 +49,14 @@ class Relay:
         return self.server.dispatcher
 
     async def barrier(self) -> None:
+        """Wait until the media engine has handled every packet sent so far.
+
+        Twice: the engine runs its queued jobs before the packets of the same
+        wake-up, so the first barrier can return while packets that were
+        already in a socket's queue (loopback delivers at sendto) are still
+        waiting in that batch; the second one runs after that batch.
+        """
+        await self.server.engine.barrier()
         await self.server.engine.barrier()
 
 

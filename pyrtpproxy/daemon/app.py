@@ -53,6 +53,12 @@ class Server:
         # One retransmission cache for every UDP control socket (bounded:
         # see ReplyCache); kept here so that it can be looked at.
         self.reply_cache = ReplyCache()
+        # --control-allow: None serves every source (rtpproxy's behaviour)
+        self.control_allow: control.ControlAllow | None = None
+        if settings.control_allow:
+            self.control_allow = control.ControlAllow(settings.control_allow, self._count_denied)
+        for msg in control.exposed_control_warnings(self.bound, self.control_allow):
+            log.warning("%s", msg)
         self._timer_wake = trio.Event() if _in_trio() else None
         self._done: trio.Event | None = None
         self._cancel: trio.CancelScope | None = None
@@ -99,7 +105,11 @@ class Server:
             task_status=task_status,
             on_eof=self._on_stdio_eof(b),
             reply_cache=self.reply_cache,
+            allow=self.control_allow,
         )
+
+    def _count_denied(self) -> None:
+        self.dispatcher.counters.pyrtpp_ncmds_denied += 1
 
     def _on_stdio_eof(self, b: Any) -> Callable[[], None]:
         def eof() -> None:
@@ -224,6 +234,7 @@ def settings_from_config(cfg: Any) -> Settings:
         endpoint_learning=cfg.endpoint_learning,
         strict_source=cfg.strict_source,
         analyze=cfg.analyze,
+        control_allow=tuple(cfg.control_allow),
     )
 
 

@@ -39,6 +39,7 @@ from .config import (
     normalise_notify_target,
     normalise_ports,
     parse_c_int,
+    parse_cidr_list,
     parse_log_spec,
 )
 
@@ -67,6 +68,7 @@ LONG_OPTS = [
     "analyze",
     "state=",
     "state-node=",
+    "control-allow=",
 ]
 _OPTIONAL_ARG_LONG = frozenset({"overload_prot", "kernel"})
 MONOTONIC_CLOCK_NAME = "CLOCK_MONOTONIC"  # what time.monotonic() reads on Linux
@@ -88,6 +90,7 @@ usage: {PROG} [-2abDfFiPRv] [-l addr|in/out|label@addr[=adv]]...
          [--mediaproxy unix:path]... [--mediaproxy-mi unix:path|udp:host:port|none]
          [--analyze]
          [--state sqlite:path|redis://host:port/db] [--state-node id]
+         [--control-allow cidr[,cidr...]]
        {PROG} -V | -v | -C
 """
 
@@ -446,6 +449,8 @@ def build_config(argv: Sequence[str]) -> Config:
                 if not arg or any(c.isspace() for c in arg):
                     raise ConfigError(f"--state-node {arg!r}: argument is invalid")
                 kw["state_node"] = arg
+            case "--control-allow":
+                kw["control_allow"] = tuple(kw.get("control_allow", ())) + parse_cidr_list(arg)
             case _:  # pragma: no cover - getopt only returns declared options
                 raise UsageError(f"invalid option -- '{opt.lstrip('-')}'")
 

@@ -40,6 +40,11 @@ Policies chosen here (rtpproxy's behaviour unless said otherwise):
   idle timeout (OpenSIPS keeps ``cunix``/``tcp`` connections open for ever).
 * If the handler raises, the error is logged and ``E5`` is sent in its place.
   A handler that returns ``b""`` sends nothing.
+* ``--control-allow`` (:class:`ControlAllow`, ours): on UDP and TCP sockets
+  (IPv4 and IPv6, systemd-passed ones too), a datagram or a connection from
+  a source outside the allowed networks is dropped without a reply (the
+  connection is closed before anything is read), counted, and logged at
+  most once per ``ControlAllow.LOG_INTERVAL`` seconds.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from ..protocol.framing import (
 __all__ = [
     "BoundControl",
     "CommandHandler",
+    "ControlAllow",
     "ControlBindError",
     "ControlSpec",
     "DEFAULT_PORT",
@@ -130,6 +136,93 @@ class CommandHandler(Protocol):
         """A UDP retransmission was answered from the reply cache
         (``ncmds_rcvd_ndups``); ``note_received`` is not called for it."""
         ...
+
+
+class ControlAllow:
+    """``--control-allow``: which sources may send commands.
+
+    ``networks``: CIDR strings (``ipaddress.ip_network`` syntax).
+    ``on_deny`` is called once per refused datagram or connection (the
+    dispatcher counts it).  Refusals are logged at most once per
+    LOG_INTERVAL seconds, with how many were not logged in between.
+    """
+
+    LOG_INTERVAL = 10.0
+
+    def __init__(
+        self,
+        networks: tuple[str, ...],
+        on_deny: Callable[[], None] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        import time
+
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        self.on_deny = on_deny
+        self.denied = 0
+        self._clock = clock or time.monotonic
+        self._next_log = -1e18
+        self._unlogged = 0
+
+    def permits(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.networks)
+
+    def deny(self, spec: Any, addr: Any, what: str) -> None:
+        self.denied += 1
+        if self.on_deny is not None:
+            self.on_deny()
+        now = self._clock()
+        if now < self._next_log:
+            self._unlogged += 1
+            return
+        self._next_log = now + self.LOG_INTERVAL
+        more = f" ({self._unlogged} more not logged)" if self._unlogged else ""
+        self._unlogged = 0
+        host = addr[0] if isinstance(addr, tuple) and addr else addr
+        log.warning("control socket %s: %s from %s refused by --control-allow%s", spec, what, host, more)
+
+
+def _is_inet(bound: Any) -> bool:
+    sock = getattr(bound, "sock", None)
+    return sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+
+
+def exposed_control_warnings(bound: Any, allow: ControlAllow | None) -> list[str]:
+    """Start-up warnings for UDP/TCP control sockets on a non-loopback address
+    when no ``--control-allow`` restricts them."""
+    if allow is not None:
+        return []
+    out = []
+    for b in bound:
+        if not _is_inet(b):
+            continue
+        try:
+            host = b.sock.getsockname()[0]
+        except OSError:  # pragma: no cover
+            continue
+        if not _is_loopback(host):
+            out.append(
+                f"control socket {b.spec} listens on {host}, a non-loopback address, and the control "
+                "protocol has no authentication: anyone who can reach it controls the relay "
+                "(use --control-allow, a firewall, or a loopback/UNIX socket)"
+            )
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 class ControlBindError(Exception):
@@ -569,6 +662,7 @@ async def serve(
     reply_cache: ReplyCache | None = None,
     max_connections: int = MAX_CONNECTIONS,
     oneshot_timeout: float = ONESHOT_TIMEOUT,
+    allow: ControlAllow | None = None,
 ) -> None:
     """Serve commands on ``bound`` until cancelled.
 
@@ -580,12 +674,14 @@ async def serve(
     """
     if bound.closed:
         raise trio.ClosedResourceError("control socket already closed")
+    if allow is not None and not _is_inet(bound):
+        allow = None  # UNIX and stdio controllers are local
     if bound.mode == DATAGRAM:
         if reply_cache is None:
             reply_cache = ReplyCache()
-        await _serve_datagram(bound, handler, reply_cache, task_status)
+        await _serve_datagram(bound, handler, reply_cache, task_status, allow)
     elif bound.mode in (ONESHOT, STREAM):
-        await _serve_listener(bound, handler, task_status, max_connections, oneshot_timeout)
+        await _serve_listener(bound, handler, task_status, max_connections, oneshot_timeout, allow)
     elif bound.mode == STDIO:
         await _serve_stdio(bound, handler, task_status, on_eof)
     else:  # pragma: no cover
@@ -597,6 +693,7 @@ async def _serve_datagram(
     handler: CommandHandler,
     cache: ReplyCache,
     task_status: trio.TaskStatus[None],
+    allow: ControlAllow | None = None,
 ) -> None:
     assert bound.sock is not None
     sock = trio.socket.from_stdlib_socket(bound.sock)
@@ -610,6 +707,9 @@ async def _serve_datagram(
                 raise trio.ClosedResourceError(f"control socket {bound.spec} closed") from e
             # e.g. ECONNREFUSED left by an ICMP error; never fatal
             log.debug("recvfrom on %s: %s", bound.spec, e)
+            continue
+        if allow is not None and not allow.permits(addr[0]):
+            allow.deny(bound.spec, addr, "command")
             continue
         cookie, cmd = split_cookie(data)
         if len(data) >= bufsize:
@@ -684,6 +784,7 @@ async def _serve_listener(
     task_status: trio.TaskStatus[None],
     max_connections: int,
     oneshot_timeout: float,
+    allow: ControlAllow | None = None,
 ) -> None:
     assert bound.sock is not None
     lsock = trio.socket.from_stdlib_socket(bound.sock)
@@ -703,6 +804,10 @@ async def _serve_listener(
                 log.error("can't accept connection on control socket %s: %s", bound.spec, e)
                 # EMFILE/ENFILE/ENOBUFS/ENOMEM: back off instead of spinning
                 await trio.sleep(0.1)
+                continue
+            if allow is not None and not (isinstance(addr, tuple) and allow.permits(addr[0])):
+                conn.close()
+                allow.deny(bound.spec, addr, "connection")
                 continue
             if count.active >= max_connections:
                 if not count.evict_idlest():

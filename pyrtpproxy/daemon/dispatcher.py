@@ -63,6 +63,7 @@ class Settings:
     endpoint_learning: str = "immediate"  # --endpoint-learning (sessions/latch.py)
     strict_source: bool = False  # --strict-source
     analyze: bool = False  # --analyze: every session runs the RTP analyser
+    control_allow: tuple[str, ...] = ()  # --control-allow (daemon/control.py ControlAllow)
 
     def parse_env(self) -> C.ParseEnv:
         fams = {i.family for i in self.ifaces + self.labelled}
@@ -726,6 +727,8 @@ class Dispatcher:
             f"packets received: {rcvd}",
             f"packets transmitted: {relayed + c.npkts_played}",
         ]
+        if self.settings.control_allow:
+            lines.append(f"commands denied: {c.pyrtpp_ncmds_denied}")
         if cmd.load:
             lines.append("average load: 0.000000")
         return "\n".join(lines)
@@ -748,6 +751,7 @@ class Dispatcher:
             npkts_resizer_out=eng.npkts_resizer_out,
             npkts_resizer_discard=eng.npkts_resizer_discard,
         )
+        vals["pyrtpp_ncmds_denied"] = c.pyrtpp_ncmds_denied
         return vals
 
     def stats(self, cmd: C.Stats, now: float) -> str:

@@ -40,6 +40,10 @@ GLOBAL_COUNTERS: dict[str, tuple[str, str]] = {
         "int",
         "Total number of RTP/RTCP packets dropped because their source is not the stream's (latch rules)",
     ),
+    "pyrtpp_ncmds_denied": (
+        "int",
+        "Total number of control commands (UDP) or connections (TCP) refused by --control-allow",
+    ),
 }
 
 # Q: name -> kind; the first five are the default reply.

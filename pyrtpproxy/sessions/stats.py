@@ -55,3 +55,4 @@ class Counters:
     rtpa_ndups: int = 0
     rtpa_nlost: int = 0
     rtpa_perrs: int = 0
+    pyrtpp_ncmds_denied: int = 0  # --control-allow refusals (datagrams or connections)
