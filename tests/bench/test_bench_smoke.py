@@ -47,7 +47,8 @@ def test_harness_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads((out / "bench.json").read_text())
     steps = [s for s in data["steps"] if s["relay"] == "pyrtpproxy"]
-    assert [s["n"] for s in steps] == [5, 10]
+    # a step whose loss passed the limit on a busy machine is run again (--retries)
+    assert sorted({s["n"] for s in steps}) == [5, 10]
     for s in steps:
         # media really flowed through the relay and every figure was measured
         assert s["sent"] > 0 and s["recv"] > 0 and s["relay_alive"]
