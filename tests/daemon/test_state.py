@@ -764,3 +764,38 @@ def test_standby_in_another_namespace_takes_the_calls_over(tmp_path, cleanup, ne
     q = run_client("q", vip, "7722", "Q tk ft tt")
     assert q.stdout.strip() != "E50"
     assert "1 session(s) restored" in (tmp_path / "relay-b.log").read_text()
+
+
+def test_recording_goes_on_in_the_same_files_after_a_restart(tmp_path, cleanup):
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    relay = Relay(tmp_path, f"sqlite:{tmp_path / 's.db'}", "-r", str(rec))
+    cleanup.append(relay)
+    relay.start()
+    c = Call(relay, "taped")
+    cleanup.append(c)
+    c.setup()
+    c.exchange()
+    assert relay.cmd("R taped ft tt") == "0"
+
+    def sizes() -> dict:
+        return {p.name: p.stat().st_size for p in rec.iterdir()}
+
+    deadline = time.monotonic() + 15
+    while not any(sizes().values()):  # the writer flushes every second
+        c.exchange()
+        assert time.monotonic() < deadline, sizes()
+        time.sleep(0.05)
+    before = sizes()
+    relay.kill9()
+    relay.start()
+    deadline = time.monotonic() + 15
+    while True:
+        c.exchange()
+        now = sizes()
+        # the same files, appended to (not truncated, no new names)
+        if set(now) == set(before) and all(now[k] > before[k] for k in before if before[k]):
+            break
+        assert time.monotonic() < deadline, (before, now)
+        time.sleep(0.05)
+    assert relay.cmd("D taped ft tt") == "0"
