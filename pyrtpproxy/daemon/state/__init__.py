@@ -304,14 +304,17 @@ class StateKeeper:
         self._waiters = keep
 
     def _full_snapshot(self) -> None:
-        """Catch-up after an outage: the node's whole state, from the table."""
+        """Catch-up after an outage, and the last write at shutdown: the
+        node's whole state, from the table (the sessions rtpproxy commands
+        made; --mediaproxy calls are not kept)."""
         self.pending = {}
-        self.known = {}
-        now_m, now_w = self.clock(), time.time()
+        known: dict[str, set[str]] = {}
         for s in self.d.table:
             k = snap.session_key(s.call_id, s.tag)
-            self.known.setdefault(s.call_id, set()).add(k)
-            self._put(k, s, now_m, now_w)
+            if k in self.known.get(s.call_id, ()):
+                known.setdefault(s.call_id, set()).add(k)
+                self._put(k, s)
+        self.known = known
 
     async def _flusher(self) -> None:
         """Lazy counters: sessions whose packet counts moved, every FLUSH_EVERY s."""
