@@ -306,6 +306,10 @@ def run(cfg: Any) -> int:
         if workers and cfg.record_all:
             log.warning("-a records every session in this process: --workers ignored")
             workers = 0
+        if workers and getattr(cfg, "state", None):
+            # worker processes keep remotes and latches to themselves
+            log.warning("--state keeps every session in this process: --workers ignored")
+            workers = 0
         if workers and getattr(cfg, "kernel", None):
             log.warning("--kernel relays through the in-process engine: --workers ignored")
             workers = 0

@@ -456,7 +456,7 @@ class StateKeeper:
         try:
             async with trio.open_nursery() as nursery:
                 await self.restore()
-                if hasattr(self.engine, "on_latch"):  # (not with --workers)
+                if hasattr(self.engine, "on_latch"):
                     prev = self.engine.on_latch  # --kernel's, if any
                     mine = self.on_latch
                     if prev is None:
