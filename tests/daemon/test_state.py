@@ -247,7 +247,8 @@ def state_url(request, tmp_path):
 
 @pytest.mark.parametrize("how", ["kill9", "sigterm"])
 def test_calls_survive_a_restart(tmp_path, cleanup, state_url, how):
-    relay = Relay(tmp_path, state_url)
+    (tmp_path / "rec").mkdir()
+    relay = Relay(tmp_path, state_url, "-r", str(tmp_path / "rec"))
     cleanup.append(relay)
     relay.start()
     calls = [Call(relay, f"call{i}") for i in range(3)]
@@ -268,6 +269,7 @@ def test_calls_survive_a_restart(tmp_path, cleanup, state_url, how):
     assert int(q[0]) > 0 and int(q[1]) >= int(before.split()[1]) + 1
     assert relay.cmd("D call1 ft tt") == "0"
     assert relay.cmd("Q call1 ft tt") == "E50"
+    assert relay.cmd("R call0 ft tt") == "0"  # R works on a restored session
     # an update of a restored session answers its same port
     assert int(relay.cmd(f"U call2 127.0.0.1 {calls[2].a.getsockname()[1]} ft tt").split()[0]) == calls[2].pa
     relay.kill9()
