@@ -697,6 +697,40 @@ async def _serve_datagram(
 ) -> None:
     assert bound.sock is not None
     sock = trio.socket.from_stdlib_socket(bound.sock)
+    # --state: a handler with handle_deferred runs each command at once, in
+    # order, and hands back what the reply waits for (its change durable);
+    # the wait happens in a task of its own, so later commands go on and
+    # share the next group commit.  A retransmission of a command whose
+    # reply is still waiting is dropped (the reply comes).
+    deferred = getattr(handler, "handle_deferred", None)
+    waiting: set[tuple] = set()
+    async with trio.open_nursery() as nursery:
+        await _datagram_loop(bound, sock, handler, cache, task_status, deferred, waiting, nursery)
+
+
+async def _send_when_durable(
+    sock: Any, wait: Any, reply: bytes, key: tuple, addr: Any, cache: ReplyCache, waiting: set
+) -> None:
+    try:
+        await wait()
+    except Exception:  # pragma: no cover - the wait never raises; reply anyway
+        log.exception("waiting for a reply's durability failed")
+    finally:
+        waiting.discard(key)
+    cache.put(key, reply, trio.current_time())
+    await _sendto(sock, reply, addr)
+
+
+async def _datagram_loop(
+    bound: BoundControl,
+    sock: Any,
+    handler: CommandHandler,
+    cache: ReplyCache,
+    task_status: Any,
+    deferred: Any,
+    waiting: set,
+    nursery: Any,
+) -> None:
     task_status.started()
     bufsize = CMD_BUFLEN  # one more than rtpproxy keeps, to spot oversize
     while True:
@@ -731,8 +765,31 @@ async def _serve_datagram(
                 handler.note_duplicate()
                 await _sendto(sock, cached, addr)
                 continue
+            if key in waiting:
+                handler.note_duplicate()
+                continue
             handler.note_received()
-            reply = await _run_handler(handler, cmd, peer)
+            if deferred is not None:
+                try:
+                    reply, wait = await deferred(cmd, peer)
+                except Exception:
+                    log.exception("command handler failed on %r", cmd[:200])
+                    reply, wait = INTERNAL_ERROR_REPLY, None
+                if wait is not None and reply:
+                    waiting.add(key)
+                    nursery.start_soon(
+                        _send_when_durable,
+                        sock,
+                        wait,
+                        cookie + b" " + bytes(reply),
+                        key,
+                        addr,
+                        cache,
+                        waiting,
+                    )
+                    continue
+            else:
+                reply = await _run_handler(handler, cmd, peer)
             if reply:
                 reply = cookie + b" " + reply
                 cache.put(key, reply, trio.current_time())

@@ -186,12 +186,18 @@ class Dispatcher:
 
     async def handle(self, data: bytes, peer_host: str | None = None) -> bytes:
         """Run one command; commands never interleave (rtpproxy's global lock)."""
-        async with self.lock:
-            out = await self._handle(data, peer_host)
-            wait, self._durable = self._durable, None
+        out, wait = await self.handle_deferred(data, peer_host)
         if wait is not None:
             await wait()  # --state: the reply leaves once its change is durable
         return out
+
+    async def handle_deferred(self, data: bytes, peer_host: str | None = None) -> tuple[bytes, Any]:
+        """Run one command; returns (reply, None) or, with --state, (reply,
+        an async function to await before the reply is sent)."""
+        async with self.lock:
+            out = await self._handle(data, peer_host)
+            wait, self._durable = self._durable, None
+        return out, wait
 
     async def _handle(self, data: bytes, peer_host: str | None) -> bytes:
         log.debug('received command "%s"', data.decode("utf-8", "replace").rstrip("\r\n"))

@@ -51,7 +51,7 @@ from .store import StateError, Store, StoreDown, open_store
 log = logging.getLogger("pyrtpproxy.state")
 
 FLUSH_EVERY = 5.0  # s: lazy counter writes
-REPLY_WAIT = 1.0  # s: longest a reply waits for its commit
+REPLY_WAIT = 3.0  # s: longest a reply waits for its commit (Kamailio waits 5)
 RETRY_MIN, RETRY_MAX = 0.1, 5.0  # s: back-off while the store is down
 LATCH_QUEUE_MAX = 4096  # latch events waiting for the Trio side
 # Tests only: SIGKILL the relay right after its N-th commit, before the
