@@ -705,7 +705,7 @@ async def _serve_datagram(
     deferred = getattr(handler, "handle_deferred", None)
     waiting: set[tuple] = set()
     async with trio.open_nursery() as nursery:
-        await _datagram_loop(bound, sock, handler, cache, task_status, deferred, waiting, nursery)
+        await _datagram_loop(bound, sock, handler, cache, task_status, deferred, waiting, nursery, allow)
 
 
 async def _send_when_durable(
@@ -730,6 +730,7 @@ async def _datagram_loop(
     deferred: Any,
     waiting: set,
     nursery: Any,
+    allow: ControlAllow | None,
 ) -> None:
     task_status.started()
     bufsize = CMD_BUFLEN  # one more than rtpproxy keeps, to spot oversize
