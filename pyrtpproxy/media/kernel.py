@@ -307,8 +307,7 @@ class KernelPath:
         import trio
 
         s.kernel_hold += 1
-        if s not in self.installed:
-            return
+        # Always a round trip: the worker may be installing it right now.
         ev = threading.Event()
         self.touch(s, ev)
         await trio.to_thread.run_sync(ev.wait, 5.0)

@@ -503,3 +503,22 @@ def test_ipv6_call_forwarded_by_the_kernel(tmp_path):
         b.close()
     finally:
         r.close()
+
+
+def test_prompt_moves_the_call_to_userspace_stop_brings_it_back(relay, tmp_path):
+    call = Call(relay)
+    call.latch()
+    prompt = tmp_path / "moh"
+    (tmp_path / "moh.0").write_bytes(bytes(range(160)) * 500)  # 10 s of PCMU frames
+    assert relay.cmd(f"P-1 c1 {prompt} 0 ft tt") == "0"  # to the caller
+    assert relay.nflows() == 0  # out of the kernel before P answered
+    data, src = call.a.recvfrom(2048)
+    assert src == (RA_ADDR, call.pl) and data[8:12] != b"\x00\x00\xbb\xbb"  # the prompt, not B
+    assert relay.cmd("S c1 ft tt") == "0"
+    wait_for(lambda: relay.nflows() == 2, "the call to go back to the kernel")
+    with stopped(relay.proc):
+        call.a_to_b(3)
+        while (back := call.b_to_a(1)[0])[0][8:12] != b"\x00\x00\xbb\xbb":
+            pass  # prompt packets still in flight
+        assert back[1] == (RA_ADDR, call.pl)
+    call.close()
