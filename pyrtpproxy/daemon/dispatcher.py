@@ -340,7 +340,8 @@ class Dispatcher:
             table = self.ports[iface.family] = PortTable(
                 self.settings.port_min, self.settings.port_max, sequential=self.settings.sequential
             )
-        tos = self.settings.tos
+        # a stream given its own ToS (&& S tos=) before it had a socket keeps it
+        tos = st.tos if st.tos is not None else self.settings.tos
         try:
             port, (rtp, rtcp) = table.allocate(lambda p: bind_pair(iface.family, iface.addr, p, tos))
         except PortsExhausted:
@@ -487,7 +488,7 @@ class Dispatcher:
             self.engine.call(self.kernel.touch, s)
         reply = self._reply_addr(rtp)
         if cmd.subcommands:
-            reply = self._subcommands(reply, cmd, s, pidx, now, peer_host)
+            reply = self._subcommands(reply, cmd, s, 1 - pidx, now, peer_host)
         return reply
 
     def _arm_notify(self, s: Session, cmd: C.Update, peer_host: str | None) -> None:
@@ -502,16 +503,16 @@ class Dispatcher:
         s.notify_host = peer_host or "127.0.0.1"
 
     def _subcommands(
-        self, reply: str, cmd: Any, s: Session, pidx: int, now: float, peer_host: str | None
+        self, reply: str, cmd: Any, s: Session, tin: int, now: float, peer_host: str | None
     ) -> str:
         # rtpproxy runs the sub-commands in order and stops at the first
         # failure; a sub-command with nothing to say shows as "0" only when
         # something is written after it.
         parts = [reply]
         pending = 0
-        # rtpproxy's sub-command environment: the stream facing the main
-        # command's party ("in") and the other; a && L swaps them.
-        tin = 1 - pidx
+        # rtpproxy's sub-command environment: ``tin`` is the "in" stream (for
+        # U/L the one facing the command's party), the other is "out"; a
+        # && L swaps them.  S without r sets "in", Sr "out".
         for sub in cmd.subcommands:
             try:
                 if isinstance(sub, C.SubCopy):
@@ -543,7 +544,7 @@ class Dispatcher:
                         raise RtppError(ECode.SESUNKN)
                     pending += 1
                 elif isinstance(sub, C.SubSet):
-                    i = (1 - pidx) if sub.reverse else pidx
+                    i = (1 - tin) if sub.reverse else tin
                     if sub.ttl is not None:
                         s.ttl_override[i] = sub.ttl
                         if not self.table.independent:
@@ -808,6 +809,8 @@ class Dispatcher:
             out.append(f"{name}={v}" if cmd.verbose else v)
         reply = " ".join(out)
         if cmd.subcommands:
+            # Q's "in" stream is its own (rtpproxy's stream[i] of a
+            # non-update command), the one Q's npkts_ina counts.
             reply = self._subcommands(reply, cmd, s, pidx, now, None)
         return reply
 

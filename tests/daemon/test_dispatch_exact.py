@@ -143,3 +143,26 @@ async def test_new_port_on_one_leg_session_completes_it(nursery, autojump_clock)
 async def test_v4_v6_peers_are_module_level_helpers():
     # keep the helpers' names in use for ruff (V4/V6 document the defaults)
     assert V4.family == socket.AF_INET and V6.family == socket.AF_INET6
+
+
+async def test_set_subcommand_targets_the_commands_party(nursery):
+    """U ... && S tos=N sets the stream facing the U's party (rtpproxy's
+    "in" stream), even before it has a socket; Sr the other one; on Q the
+    "in" stream is Q's own."""
+    relay = await start_relay(nursery)
+    await relay.cmd("U ts 127.0.0.1 1000 f && S tos=42")
+    await relay.cmd("L ts 127.0.0.1 1002 f t && S tos=16")
+    s = next(iter(relay.dispatcher.table))
+    await relay.barrier()
+
+    def tos(st):
+        return st.sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS)
+
+    assert tos(s.rtp[1]) == 42 and tos(s.rtcp[1]) == 42  # faces the U's party
+    assert tos(s.rtp[0]) == 16 and tos(s.rtcp[0]) == 16  # faces the L's party
+    await relay.cmd("L ts 127.0.0.1 1002 f t && Sr tos=20")
+    await relay.barrier()
+    assert tos(s.rtp[1]) == 20
+    await relay.cmd("Q ts f t && S tos=8")
+    await relay.barrier()
+    assert tos(s.rtp[1]) == 8
