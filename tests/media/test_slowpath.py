@@ -224,3 +224,37 @@ async def test_fork_errors(nursery):
     r = await relay.cmd(f"U src 127.0.0.1 {a.port} fA tB && C src fA tB")
     assert r.endswith(" && -1")
     assert await relay.cmd(f"U mon 127.0.0.1 {a.port} mA && C src fA tB") == "E3"
+
+
+async def test_slow_path_sessions_leave_the_workers(nursery):
+    relay = await start_relay(nursery, workers=1)
+    a, b = await Peer().bind(), await Peer().bind()
+    # an ordinary session is relayed by the worker
+    pa, _ = await setup(relay, a, b, call="w")
+    assert relay.dispatcher.table.find("w", "fA", "tB")[0].shard == 0
+    await send_all(relay, a, pa, range(1, 4))
+    for _ in range(3):
+        await b.recv()
+    # asking for analysis brings it into this process, counting from then on
+    assert await relay.cmd(f"Q w fA tB {QNAMES}") == "0 0 0 0 0"
+    assert relay.dispatcher.table.find("w", "fA", "tB")[0].shard is None
+    await send_all(relay, a, pa, [4, 5, 7])
+    for _ in range(3):
+        await b.recv()
+    assert await relay.cmd(f"Q w fA tB {QNAMES}") == "4 3 0 1 0"
+    # a session created with Z never goes to a worker
+    c, d = await Peer().bind(), await Peer().bind()
+    pc, _ = await setup(relay, c, d, call="z", umods="Z20")
+    assert relay.dispatcher.table.find("z", "fA", "tB")[0].shard is None
+    for s in (1, 2):
+        await c.send(rtp_packet(9, s, b"\x00" * 80, ts=s * 80), pc)
+    assert hdr((await d.recv())[0])[0] == 160
+    # a worker's session given Z later comes back first
+    e, f = await Peer().bind(), await Peer().bind()
+    pe, _ = await setup(relay, e, f, call="w2")
+    assert relay.dispatcher.table.find("w2", "fA", "tB")[0].shard == 0
+    await relay.cmd(f"UZ20 w2 127.0.0.1 {e.port} fA tB")
+    assert relay.dispatcher.table.find("w2", "fA", "tB")[0].shard is None
+    for s in (1, 2):
+        await e.send(rtp_packet(8, s, b"\x00" * 80, ts=s * 80), pe)
+    assert hdr((await f.recv())[0])[0] == 160
