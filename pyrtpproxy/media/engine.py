@@ -15,6 +15,11 @@ No objects are made per packet on the fast path except the slice view for
 sendto.  Each socket is drained at most ``BURST`` packets per wake-up so one
 flooded port cannot starve the others; the kernel's socket buffer is the
 only queue, and what overflows it is dropped by the kernel.
+
+Streams of sessions that asked for more (RTP analysis, ``Z``
+re-packetisation, ``&& C`` forks: a ``Stream.hook``) live in a second table
+and are served by ``_serve_slow``, which runs the same receive and latch
+steps and hands each packet to the hook (media/streamhook.py).
 """
 
 from __future__ import annotations
@@ -102,6 +107,9 @@ class MediaEngine:
         self._ep.register(self._wake_fd, _EPOLLIN)
         self._q: collections.deque = collections.deque()
         self._streams: dict[int, Stream] = {}
+        # Streams with a slow path (Stream.hook: analysis, Z, forks) are kept
+        # apart and served by _serve_slow, so the fast loop never tests for it.
+        self._slow: dict[int, Stream] = {}
         self._thread: threading.Thread | None = None
         self._stop = False
         self._dup_small = dup_small
@@ -160,7 +168,7 @@ class MediaEngine:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._drain_queue()
-        for fd, st in list(self._streams.items()):
+        for fd, st in list(self._streams.items()) + list(self._slow.items()):
             self._close(st, st.sock, fd, True)
         try:
             self._ep.close()
@@ -189,7 +197,7 @@ class MediaEngine:
     def totals(self) -> tuple[int, int, int]:
         """(received, relayed, dropped) over every stream, live and gone."""
         r, f, d = self.gone_rcvd, self.gone_relayed, self.gone_dropped
-        for st in list(self._streams.values()):
+        for st in list(self._streams.values()) + list(self._slow.values()):
             r += st.npkts_in
             f += st.nrelayed
             d += st.ndropped
@@ -197,7 +205,7 @@ class MediaEngine:
 
     @property
     def nsockets(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self._slow)
 
     # The sharding interface (see shard.ShardedEngine); in-process: trivial.
     def assign(self) -> int | None:
@@ -216,16 +224,27 @@ class MediaEngine:
     def _add(self, st: Stream) -> None:
         if st.sock is None:
             return
-        self._streams[st.fd] = st
+        (self._streams if st.hook is None else self._slow)[st.fd] = st
         self._ep.register(st.fd, _EPOLLIN)
 
+    def reclassify(self, st: Stream) -> None:
+        """After ``st.hook`` changed (media thread): serve it on the right loop."""
+        fd = st.fd
+        if fd < 0:
+            return
+        src, dst = (self._streams, self._slow) if st.hook is not None else (self._slow, self._streams)
+        if src.get(fd) is st:
+            del src[fd]
+            dst[fd] = st
+
     def _close(self, st: Stream, sock: Any, fd: int, final: bool) -> None:
-        if self._streams.get(fd) is st:
-            del self._streams[fd]
-            try:
-                self._ep.unregister(fd)
-            except (OSError, ValueError):
-                pass
+        for d in (self._streams, self._slow):
+            if d.get(fd) is st:
+                del d[fd]
+                try:
+                    self._ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass
         if final:
             self.gone_rcvd += st.npkts_in
             self.gone_relayed += st.nrelayed
@@ -249,7 +268,50 @@ class MediaEngine:
     def _hook_failed(self, st: Stream) -> None:
         self.errors += 1
         st.hook = None
+        self.reclassify(st)
         log.exception("stream hook failed; the stream is relayed as it is")
+
+    def _serve_slow(self, st: Stream, buf: bytearray, mv: memoryview, now: float, accept: Any) -> None:
+        """One wake-up of a stream with a hook: the fast loop's receive and
+        latch steps, then the hook (analysis, Z, forks) does the rest; after
+        the burst, what the re-packetiser has ready goes out."""
+        hook = st.hook
+        sock = st.sock
+        if hook is None or sock is None:  # changed meanwhile: not ours any more
+            self.reclassify(st)
+            return
+        recv = sock.recvfrom_into
+        try:
+            for _ in range(BURST):
+                try:
+                    n, src = recv(buf)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue
+                st.npkts_in += 1
+                st.last_rx = now
+                if not st.active:
+                    st.ndropped += 1
+                    self.npkts_inactive += 1
+                    continue
+                if src != st.remote or not st.latched:
+                    nlatch = st.nlatch
+                    was_latched = st.latched
+                    if not accept(st, src, buf, n, now):
+                        st.ndropped += 1
+                        self.npkts_foreign += 1
+                        continue
+                    if st.nlatch != nlatch:
+                        _log_latch(st, nlatch)
+                    if self.on_latch is not None and (st.nlatch != nlatch or not was_latched):
+                        self.on_latch(st)
+                elif not st.is_rtcp and n >= 12:
+                    st.seq = (buf[2] << 8) | buf[3]
+                hook(st, mv, n, src, now)
+            hook.drain(st, now)
+        except Exception:
+            self._hook_failed(st)
 
     def _run(self) -> None:
         # A bug in one batch must not stop the relay: log, count, go on.
@@ -272,6 +334,7 @@ class MediaEngine:
     def _loop(self) -> None:
         ep = self._ep
         streams = self._streams
+        slow = self._slow
         wake_fd = self._wake_fd
         others = self.others
         after_batch = self.after_batch
@@ -301,7 +364,10 @@ class MediaEngine:
             for fd, _ev in events:
                 st = streams.get(fd)
                 if st is None:
-                    if fd in others:
+                    st = slow.get(fd)
+                    if st is not None:
+                        self._serve_slow(st, buf, mv, now, accept)
+                    elif fd in others:
                         others[fd]()
                     continue
                 sock = st.sock
@@ -333,14 +399,6 @@ class MediaEngine:
                             self.on_latch(st)
                     elif not st.is_rtcp and n >= 12:
                         st.seq = (buf[2] << 8) | buf[3]
-                    hook = st.hook
-                    if hook is not None:
-                        # the slow path: analysis, resizing, forks
-                        try:
-                            hook(st, mv, n, src, now)
-                        except Exception:
-                            self._hook_failed(st)
-                        continue
                     peer = st.peer
                     rec = st.rec
                     if rec is not None and not peer.muted:
@@ -375,11 +433,5 @@ class MediaEngine:
                         continue
                     st.nrelayed += 1
                     st.nbytes += n
-                hook = st.hook
-                if hook is not None:
-                    try:
-                        hook.drain(st, now)
-                    except Exception:
-                        self._hook_failed(st)
             if after_batch is not None:
                 after_batch(events)

@@ -2,8 +2,9 @@
 than relaying: RTP analysis (the rtpa_* counters), re-packetisation (``Z``)
 and forking (``U ... && C``).
 
-The media engine's fast path checks one attribute per packet
-(``Stream.hook``); only when it is set does the packet come here.  The
+A stream whose ``Stream.hook`` is set sits in the media engine's second
+stream table and is served by its slow loop (``MediaEngine._serve_slow``);
+the fast loop tests nothing for it, so ordinary sessions pay nothing.  The
 steps follow rtpproxy's packet-processor order: analyse, resize (a packet
 the resizer takes leaves later, rebuilt), drop the media of a fork target's
 own parties, copy to the fork targets and the recorder, relay.  Everything
@@ -160,6 +161,7 @@ def _hook(st: Any, engine: Any) -> StreamHook:
     if h is None:
         h = StreamHook(engine)
         st.hook = h
+        engine.reclassify(st)  # from now on served by the slow loop
     return h
 
 
@@ -167,6 +169,7 @@ def _tidy(st: Any) -> None:
     h = st.hook
     if h is not None and h.empty():
         st.hook = None
+        h.engine.reclassify(st)  # back to the fast loop
 
 
 def enable_analysis(st: Any, engine: Any) -> None:
@@ -216,3 +219,4 @@ def drop_hook(st: Any, engine: Any) -> None:
     if h.resizer is not None:
         engine.npkts_resizer_discard += len(h.resizer)
     st.hook = None
+    engine.reclassify(st)
