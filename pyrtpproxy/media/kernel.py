@@ -168,7 +168,9 @@ def install_cmds(f: K.Flow, saddr: str, old: K.Flow | None, table: str = TABLE) 
         cmds += _unmap_cmds(old, table)
     else:
         cmds += [f"add counter {t} {counter}", f"add chain {t} {chain}"]
-    match = f"{ip} daddr {_addr(f.laddr, v6)} " if f.laddr else ""
+    # Only packets for this host: a router's transit traffic that happens to use
+    # the same ports is not ours.
+    match = f"{ip} daddr {_addr(f.laddr, v6)} " if f.laddr else "fib daddr type local "
     dscp = ""
     if f.tos is not None and not v6:
         dscp = f"ip dscp set {(int(f.tos) >> 2) & 0x3F} "
