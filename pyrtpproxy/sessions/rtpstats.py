@@ -11,6 +11,8 @@ what ``G`` accumulates when the stream ends.  Nothing here does I/O.
 
 from __future__ import annotations
 
+import struct
+
 import attrs
 
 M32 = 0xFFFFFFFF
@@ -43,6 +45,7 @@ PCMU, GSM, G723, PCMA, G722, G729 = 0, 3, 4, 8, 9, 18
 NSAMPLES_UNKNOWN = -1
 
 UPDATE_OK, UPDATE_SSRC_CHG, UPDATE_ERR = 0, 1, -1
+_HDR = struct.Struct("!BBHII")
 _NORMAL, _SEQ_RESET, _SSRC_RESET = 0, 1, 2
 _JDATA_MAX = 10
 _DEDUP_LEN = 10
@@ -61,8 +64,11 @@ def g723_len(ch: int) -> int:
 
 def calc_samples(pt: int, payload: bytes | bytearray | memoryview) -> int:
     """Samples in a payload of a fixed-frame codec; -1 for any other type."""
-    nbytes = len(payload)
-    if pt in (PCMU, PCMA, G722):
+    return _nsamples(pt, payload, 0, len(payload))
+
+
+def _nsamples(pt: int, pkt: bytes | bytearray | memoryview, off: int, nbytes: int) -> int:
+    if pt == PCMU or pt == PCMA or pt == G722:
         return nbytes
     if pt == G729:
         return (nbytes // 10) * 80 + (0 if nbytes % 10 == 0 else 80)
@@ -72,7 +78,7 @@ def calc_samples(pt: int, payload: bytes | bytearray | memoryview) -> int:
         pos = samples = 0
         while pos < nbytes:
             samples += 240
-            n = g723_len(payload[pos])
+            n = g723_len(pkt[off + pos])
             if n < 0:
                 return NSAMPLES_UNKNOWN
             pos += n
@@ -102,11 +108,11 @@ def is_rtcp(pkt: bytes | bytearray | memoryview) -> bool:
 def parse_rtp(pkt: bytes | bytearray | memoryview) -> RtpInfo | None:
     """rtpproxy's rtp_packet_parse(): None when it would fail (perrs)."""
     size = len(pkt)
-    if is_rtcp(pkt) or size < 12:
-        return None
-    b0 = pkt[0]
-    if b0 >> 6 != 2:
-        return None
+    if size < 12:
+        return None  # too short (an RTCP-looking one fails as well)
+    b0, b1, seq, ts, ssrc = _HDR.unpack_from(pkt)
+    if b0 >> 6 != 2 or 200 <= b1 <= 213:
+        return None  # not version 2, or RTCP on the RTP port
     off = 12 + 4 * (b0 & 0x0F)
     if b0 & 0x10:
         if size < off + 4:
@@ -124,24 +130,20 @@ def parse_rtp(pkt: bytes | bytearray | memoryview) -> RtpInfo | None:
     if size < off + pad:
         return None
     data_size = size - off - pad
-    pt = pkt[1] & 0x7F
-    info = RtpInfo(
-        pt=pt,
-        marker=bool(pkt[1] & 0x80),
-        seq=(pkt[2] << 8) | pkt[3],
-        ts=int.from_bytes(pkt[4:8], "big"),
-        ssrc=int.from_bytes(pkt[8:12], "big"),
-        data_offset=off,
-        data_size=data_size,
-        nsamples=NSAMPLES_UNKNOWN,
-        appendable=True,
-    )
+    pt = b1 & 0x7F
     if data_size == 0:
-        return info
-    info.nsamples = calc_samples(pt, pkt[off : off + data_size])
-    if pt == G729 and data_size % 10 != 0:
-        info.appendable = False
-    return info
+        return RtpInfo(pt, bool(b1 & 0x80), seq, ts, ssrc, off, 0, NSAMPLES_UNKNOWN, True)
+    return RtpInfo(
+        pt,
+        bool(b1 & 0x80),
+        seq,
+        ts,
+        ssrc,
+        off,
+        data_size,
+        _nsamples(pt, pkt, off, data_size),
+        not (pt == G729 and data_size % 10 != 0),  # a trailing SID frame ends a packet
+    )
 
 
 class _JData:
