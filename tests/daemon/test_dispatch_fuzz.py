@@ -101,14 +101,15 @@ async def test_the_runner_sees_each_kind_of_failure(monkeypatch, fault):
     from pyrtpproxy.daemon import control
     from pyrtpproxy.protocol import commands as C
 
-    real_execute, real_handle, real_send = Dispatcher.execute, Dispatcher.handle, control._sendto
+    # _handle is what every transport's path ends in (handle, handle_deferred)
+    real_execute, real_handle, real_send = Dispatcher.execute, Dispatcher._handle, control._sendto
 
     async def execute(self, cmd, peer_host=None):
         if type(cmd) is C.Version:
             raise RuntimeError("boom")
         return await real_execute(self, cmd, peer_host)
 
-    async def handle(self, data, peer_host=None):
+    async def handle(self, data, peer_host):
         reply = await real_handle(self, data, peer_host)
         if reply == b"20040107\n":
             return b"20040107 and more\n" if fault == "bad" else b""
@@ -124,7 +125,7 @@ async def test_the_runner_sees_each_kind_of_failure(monkeypatch, fault):
     elif fault == "twice":
         monkeypatch.setattr(control, "_sendto", twice)
     else:
-        monkeypatch.setattr(Dispatcher, "handle", handle)
+        monkeypatch.setattr(Dispatcher, "_handle", handle)
     with trio.fail_after(120):
         res = await run_fuzz(300, seed=3, port_min=47500, port_max=47998, reply_timeout=0.5)
     assert not res.ok
