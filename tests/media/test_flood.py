@@ -25,6 +25,7 @@ import struct
 import threading
 import time
 
+import pytest
 import trio
 from relayutil import Peer, port_of, start_relay
 
@@ -117,9 +118,14 @@ async def phone() -> tuple[Peer, Peer]:
     raise AssertionError("no free port pair for a phone")
 
 
-async def test_flood_every_port_while_200_calls_run(nursery):
+@pytest.mark.parametrize(
+    "learning, strict", [("immediate", False), ("heuristic", True)], ids=["immediate", "heuristic-strict"]
+)
+async def test_flood_every_port_while_200_calls_run(nursery, learning, strict):
     with trio.fail_after(240):
-        relay = await start_relay(nursery, port_min=PORT_MIN, port_max=PORT_MAX)
+        relay = await start_relay(
+            nursery, port_min=PORT_MIN, port_max=PORT_MAX, endpoint_learning=learning, strict_source=strict
+        )
         calls, rtcp_socks = [], []
         for i in range(NCALLS):
             (a, ac), (b, bc) = await phone(), await phone()
@@ -160,7 +166,7 @@ async def test_flood_every_port_while_200_calls_run(nursery):
         assert not [d for d in back if d[8:12] >= b"\x00\x01\x00\x00" and d[8:12] < b"\x00\x02\x00\x00"]
         assert all(d in flood.junk or d[12:] == flood.junk[2] for d in back)
         print(
-            f"flood: {flood.sent} packets in {flood.sweeps} sweeps of {PORT_MAX - PORT_MIN + 2} ports; "
+            f"flood ({learning}{' strict' if strict else ''}): {flood.sent} packets in {flood.sweeps} sweeps of {PORT_MAX - PORT_MIN + 2} ports; "
             f"control latency max {max(lat) * 1000:.1f} ms; call media loss during the flood {loss:.2f} %; "
             f"the attacker's own packets reflected to it {len(back)}"
         )
