@@ -58,7 +58,7 @@ def test_soak_runs_end_to_end(tmp_path):
     assert s["timed_out"] == s["abandoned"]  # the abandoned calls timed out in the relay
     assert s["packets_sent"] > 0 and s["packets_lost"] < s["packets_sent"]  # media flowed (loss: SOAK.md)
     assert s["sessions_at_end"] == 0 and s["control_unanswered"] == 0 and s["relay_exit"] == 0
-    assert len(res["samples"]) >= 5
+    assert len(res["samples"]) >= 4
     assert all(x["rss_mb"] > 0 and x["fds"] > 0 for x in res["samples"])
     assert max(x["sessions"] for x in res["samples"]) > 0
     assert (out / "soak.png").stat().st_size > 0

@@ -43,7 +43,7 @@ class DataPicker:
         return self.data.draw(st.binary(min_size=n, max_size=n))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_dispatcher_replies_stay_in_grammar(data):
     g = Grammar(DataPicker(data))
