@@ -34,8 +34,9 @@ Rules (rtpproxy's):
   not RTP leaves it unlatched);
 * another source while not latched: take it (this is how the real address
   behind NAT is learned) and latch;
-* another source while latched: drop, unless it is RTP with the latched SSRC
-  and a sequence number within SEQ_WINDOW of the last one seen, or it comes
+* another source while latched: drop, unless it is valid RTP (never RTCP)
+  with the latched SSRC and a sequence number within SEQ_WINDOW of the last
+  one seen, or valid RTP with any SSRC that comes
   within UPDATE_WINDOW seconds of the last U/L that refilled the stream (a
   U/L for a stream that already had an address; a stream's first U/L opens
   no window); then re-latch to it.
@@ -94,6 +95,12 @@ def _guess_rtcp(st: Any, src: tuple) -> None:
     if cur is not None and cur[0] == src[0]:
         return
     rtcp.remote = (src[0], src[1] + 1) + tuple(src[2:])
+    # the guess is not the party's word: its next RTCP packet latches
+    # (rtpproxy: rtpp_stream_guess_addr sets latched = asymmetric)
+    rtcp.latched = bool(rtcp.asymmetric)
+    rtcp.learn_until = 0.0
+    rtcp.cand = None
+    rtcp.cand_rank = -1
 
 
 def accept(st: Any, src: tuple, buf: Any, n: int, now: float) -> int:
@@ -114,25 +121,26 @@ def accept(st: Any, src: tuple, buf: Any, n: int, now: float) -> int:
         _guess_rtcp(st, src)
         st.nlatch += 1
         return ACCEPT
-    # Latched and the source differs: re-latch only for the same stream.
-    relatch = False
-    if now - st.last_update < UPDATE_WINDOW:
-        relatch = True
-    elif not st.is_rtcp and st.ssrc is not None:
-        hdr = rtp_header_untrusted(buf, n)
-        if hdr is not None and hdr[0] == st.ssrc:
-            dist = (hdr[1] - st.seq) & 0xFFFF
-            if dist <= SEQ_WINDOW or dist >= 0x10000 - SEQ_WINDOW:
-                relatch = True
-    if not relatch:
+    # Latched and the source differs: only a valid RTP packet may re-latch an
+    # RTP stream (rtpproxy's _rtpp_stream_check_latch_override): within the
+    # update window any SSRC, later the latched SSRC with a nearby sequence
+    # number.  RTCP never re-latches by itself; it follows the RTP address
+    # (_guess_rtcp).
+    if st.is_rtcp or st.ssrc is None:
         return DROP
+    hdr = rtp_header_untrusted(buf, n)
+    if hdr is None:
+        return DROP
+    if now - st.last_update >= UPDATE_WINDOW:
+        if hdr[0] != st.ssrc:
+            return DROP
+        dist = (hdr[1] - st.seq) & 0xFFFF
+        if SEQ_WINDOW < dist < 0x10000 - SEQ_WINDOW:
+            return DROP
     st.remote = src
     st.untrusted = True
-    if not st.is_rtcp:
-        hdr = rtp_header_untrusted(buf, n)
-        if hdr is not None:
-            st.ssrc, st.seq = hdr
-        _guess_rtcp(st, src)
+    st.ssrc, st.seq = hdr
+    _guess_rtcp(st, src)
     st.nlatch += 1
     return ACCEPT
 
@@ -294,9 +302,10 @@ def _decide(st: Any, src: tuple, buf: Any, n: int, now: float, *, learning: str,
         return _learn(st, src, buf, n, now, heuristic)
     if src == remote:
         return ACCEPT
-    if now - st.last_update < UPDATE_WINDOW:
+    if not st.is_rtcp and now - st.last_update < UPDATE_WINDOW:
         # a U/L refilled this stream: learn again (the current address
-        # stays the destination meanwhile and keeps ties)
+        # stays the destination meanwhile and keeps ties); RTCP follows
+        # the RTP address (_guess_rtcp), as in the default mode
         st.latched = False
         st.learn_until = 0.0
         return _learn(st, src, buf, n, now, heuristic)

@@ -237,3 +237,27 @@ def test_off_never_learns():
     assert decide(strict, st, SDP, rtp(), 1.0) == latch.ACCEPT and st.latched
     latch.prefill(st, NAT, 5.0)  # re-INVITE moves the destination
     assert st.remote == NAT
+
+
+def test_update_window_takes_only_valid_rtp_rtcp_follows():
+    # rtpproxy's _rtpp_stream_check_latch_override: RTCP and non-RTP never
+    # re-latch; RTCP follows a new RTP host (guess, then its first packet)
+    s = Session.new("c", "f", 0.0, 60)
+    rtp_st, rtcp_st = s.rtp[1], s.rtcp[1]
+    latch.prefill(rtp_st, A, 0.0)
+    latch.prefill(rtcp_st, (A[0], A[1] + 1), 0.0)
+    p = rtp()
+    latch.accept(rtp_st, A, p, len(p), 1.0)
+    latch.accept(rtcp_st, (A[0], A[1] + 1), p, len(p), 1.0)
+    assert rtp_st.latched and rtcp_st.latched
+    latch.prefill(rtp_st, A, 100.0)  # re-INVITE: window
+    latch.prefill(rtcp_st, (A[0], A[1] + 1), 100.0)
+    junk = bytearray(b"\x00" * 40)
+    assert latch.accept(rtp_st, EVIL, junk, len(junk), 101.0) == latch.DROP
+    assert latch.accept(rtcp_st, EVIL, p, len(p), 101.0) == latch.DROP
+    moved = ("127.0.0.7", 5000)
+    assert latch.accept(rtp_st, moved, p, len(p), 102.0) == latch.ACCEPT
+    assert rtcp_st.remote == ("127.0.0.7", 5001) and not rtcp_st.latched
+    nat_rtcp = ("127.0.0.7", 6001)
+    assert latch.accept(rtcp_st, nat_rtcp, p, len(p), 103.0) == latch.ACCEPT
+    assert rtcp_st.remote == nat_rtcp and rtcp_st.latched
