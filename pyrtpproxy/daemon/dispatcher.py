@@ -555,7 +555,14 @@ class Dispatcher:
                         self.table.schedule(s)
                         self.on_schedule()
                     if sub.tos is not None:
-                        self.engine.call(_set_tos, s.rtp[i], sub.tos)
+                        # rtpproxy: ToS only on an IPv4 stream (-1 otherwise)
+                        st_i = s.rtp[i]
+                        fam = st_i.family if st_i.sock is not None else None
+                        if fam is None and st_i.pending_iface is not None:
+                            fam = st_i.pending_iface.family
+                        if fam != socket.AF_INET:
+                            raise RtppError(ECode.SESUNKN)
+                        self.engine.call(_set_tos, st_i, sub.tos)
                     pending += 1
             except RtppError:
                 parts.extend(["0"] * pending)
