@@ -702,7 +702,9 @@ async def _serve_datagram(
     # the wait happens in a task of its own, so later commands go on and
     # share the next group commit.  A retransmission of a command whose
     # reply is still waiting is dropped (the reply comes).
-    deferred = getattr(handler, "handle_deferred", None)
+    deferred = (
+        getattr(handler, "handle_deferred", None) if getattr(handler, "defers_replies", False) else None
+    )
     waiting: set[tuple] = set()
     async with trio.open_nursery() as nursery:
         await _datagram_loop(bound, sock, handler, cache, task_status, deferred, waiting, nursery, allow)

@@ -142,6 +142,7 @@ class Dispatcher:
         # --state: called once per answered command; may return an async
         # function the reply waits for (the change is durable).
         self.on_answered: Callable[[Any], Any] = lambda cmd: None
+        self.defers_replies = False  # --state: UDP replies wait in tasks of their own
         self._durable: Any = None
         self._pps_sample = (clock(), 0)
         self._lock: Any = None  # a trio.Lock, made on first use inside Trio

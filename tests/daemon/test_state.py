@@ -57,8 +57,10 @@ class Relay:
         self, tmp: Path, state: str, *extra: str, node: str = "n1", media: tuple | None = None
     ) -> None:
         self.tmp = tmp
-        self.port = free_port()
         lo, hi = self.media = media or media_range()
+        # The control port must be free again at each restart: in the relay's
+        # own window (the relay skips it), not in the ephemeral range.
+        self.port = hi - 1
         self.args = [
             PY, "-m", "pyrtpproxy", "-f", "-F",
             "-s", f"udp:127.0.0.1:{self.port}",
@@ -588,7 +590,8 @@ def test_takeover_by_node_id_through_redis(tmp_path, cleanup, redis_server):
     cleanup.append(c)
     c.setup()
     c.exchange()
-    other = Relay(tmp_path, redis_server.url, node="relay-b")
+    lo = a.media[0] + 400 if a.media[0] < 5600 else a.media[0] - 400
+    other = Relay(tmp_path, redis_server.url, node="relay-b", media=(lo, lo + 399))
     cleanup.append(other)
     other.start()
     assert other.cmd("Q moved ft tt") == "E50"  # another id: not its calls

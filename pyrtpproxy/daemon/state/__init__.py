@@ -521,6 +521,7 @@ def attach(server: Any, cfg: Any) -> StateKeeper | None:
 
     d.on_timeout = on_timeout
     d.on_answered = keeper.changed
+    d.defers_replies = True
     server.services.append(keeper.run)
     server.before_close.append(keeper.final_flush)
     server.closers.append(keeper.close)
