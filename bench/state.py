@@ -33,7 +33,9 @@ from pathlib import Path
 
 from .control import run_phase
 
-PORT_MIN, PORT_MAX = 4000, 9999  # below the ephemeral range: a restart gets its ports back
+# Below the ephemeral range, so a restart gets its ports back; the control
+# port is the range's last but one (the relay skips it).
+PORT_MIN, PORT_MAX = 2000, 9999
 
 
 def _free(kind: int = socket.SOCK_DGRAM) -> int:
@@ -51,7 +53,7 @@ def _cmd(port: int, text: str, timeout: float = 2.0) -> str:
 
 class Relay:
     def __init__(self, state: str | None, log: Path) -> None:
-        self.port = _free()
+        self.port = PORT_MAX - 1
         self.args = [sys.executable, "-m", "pyrtpproxy", "-f", "-F", "-s", f"udp:127.0.0.1:{self.port}",
                      "-l", "127.0.0.1", "-m", str(PORT_MIN), "-M", str(PORT_MAX), "-d", "ERR"]  # fmt: skip
         if state:
@@ -209,14 +211,17 @@ def restart_gap(state: str, tmp: Path, ncalls: int, settle: float = 2.0) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PORT_MIN, PORT_MAX
     ap = argparse.ArgumentParser(prog="python -m bench.state", description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", type=int, default=500)
     ap.add_argument("--clients", default="1,4")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--settle", type=float, default=2.0, help="s of media before the kill and after ready")
+    ap.add_argument("--ports", default=f"{PORT_MIN}-{PORT_MAX}", help="the relay's media range LO-HI")
     ap.add_argument("--no-redis", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    PORT_MIN, PORT_MAX = (int(x) for x in args.ports.split("-"))
     clients = [int(x) for x in args.clients.split(",")]
     results: dict = {"sessions": args.sessions, "control": {}, "restart": {}}
     with tempfile.TemporaryDirectory() as td:

@@ -4,6 +4,7 @@ SQLite only; it asserts that everything was measured, never how fast."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_state_bench_runs_end_to_end(tmp_path):
     out = tmp_path / "state.json"
+    lo = 6000 + 400 * random.randrange(0, 2)  # away from the other tests' relays
     proc = subprocess.run(
         [sys.executable, "-m", "bench.state", "--sessions", "20", "--clients", "1", "--calls", "2",
-         "--settle", "0.3", "--no-redis", "--json", str(out)],
+         "--settle", "0.3", "--no-redis", "--json", str(out),
+         "--ports", f"{lo}-{lo + 399}"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
