@@ -26,7 +26,7 @@ PYTEST_ARGS ?= -q
 # Seconds: a hung test run is killed well before the 15-minute CI budget.
 TEST_TIMEOUT ?= 840
 
-APT_PACKAGES := kamailio sip-tester tshark mandoc nftables libnftables1 iproute2 redis-server
+APT_PACKAGES := kamailio sip-tester tshark mandoc nftables libnftables1 iproute2 redis-server netbase
 KAMAILIO_RTPPROXY_SO ?= /usr/lib/x86_64-linux-gnu/kamailio/modules/rtpproxy.so
 
 .PHONY: help run test check test-deps venv-deps lint-man
@@ -90,6 +90,7 @@ test-deps:
 	done; \
 	[ -e $(KAMAILIO_RTPPROXY_SO) ] || missing="$$missing $(KAMAILIO_RTPPROXY_SO)"; \
 	/sbin/ldconfig -p 2>/dev/null | grep -q libnftables.so.1 || missing="$$missing libnftables.so.1"; \
+	[ -e /etc/services ] || missing="$$missing /etc/services"; \
 	if [ -n "$$missing" ]; then pkgs=" $(APT_PACKAGES)"; fi; \
 	$(need_python) \
 	$(apt_install)
