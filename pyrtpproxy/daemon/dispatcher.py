@@ -563,7 +563,11 @@ class Dispatcher:
                             fam = st_i.pending_iface.family
                         if fam != socket.AF_INET:
                             raise RtppError(ECode.SESUNKN)
-                        self.engine.call(_set_tos, st_i, sub.tos)
+                        if s.shard is None:
+                            # at once: a P right after must already send with it
+                            _set_tos(st_i, sub.tos)
+                        else:
+                            self.engine.call(_set_tos, st_i, sub.tos)
                     pending += 1
             except RtppError:
                 parts.extend(["0"] * pending)
