@@ -26,6 +26,10 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _cpu(text: str) -> int | None:
     if text.lower() in ("none", "no", "-"):
         return None
@@ -86,6 +90,33 @@ def parser() -> argparse.ArgumentParser:
         type=_ints,
         default=[1, 4],
         help="client counts for the control-plane phase (default 1,4)",
+    )
+    p.add_argument(
+        "--scenarios",
+        type=_names,
+        default=["control", "cmdrate", "media", "flood"],
+        help="which parts to run, comma-separated, of control (U/L/D with 1 and 4 threaded clients), "
+        "cmdrate (U/L/Q/D with --cmd-inflight in flight over udp, unix, tcp), media (calls per core), "
+        "flood (a stranger sprays every port while calls run) (default: all)",
+    )
+    p.add_argument(
+        "--cmd-sessions", type=int, default=2000, help="sessions per transport in cmdrate (default 2000)"
+    )
+    p.add_argument("--cmd-inflight", type=int, default=8, help="commands in flight in cmdrate (default 8)")
+    p.add_argument(
+        "--cmd-transports",
+        type=_names,
+        default=["udp", "unix", "tcp"],
+        help="control transports for cmdrate (default udp,unix,tcp; rtpengine: udp only)",
+    )
+    p.add_argument(
+        "--flood-calls", type=_ints, default=[150], help="calls running during the flood (default 150)"
+    )
+    p.add_argument(
+        "--flood-pps",
+        type=float,
+        default=20000.0,
+        help="the stranger's packets per second over the whole port range (default 20000)",
     )
     p.add_argument(
         "--relay-cpu", type=_cpu, default=0, help="CPU the relay is pinned to, or none (default 0)"
@@ -168,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     for cpu in (relay_cpu, gen_cpu):
         if cpu is not None and cpu not in usable:
             parser().error(f"CPU {cpu} is not usable here (usable: {sorted(usable)}); use --no-pin")
-    if args.port_max - args.port_min < 4 * max(args.steps) + 100:
+    bad = set(args.scenarios) - {"control", "cmdrate", "media", "flood"}
+    if bad:
+        parser().error(f"--scenarios: unknown {sorted(bad)}")
+    bad = set(args.cmd_transports) - {"udp", "unix", "tcp"}
+    if bad:
+        parser().error(f"--cmd-transports: unknown {sorted(bad)}")
+    if args.port_max - args.port_min < 4 * max(args.steps + args.flood_calls) + 100:
         parser().error("the media port range is too small for the largest step (4 ports per session)")
     opts = Options(
         relays=specs,
@@ -181,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         ctl_clients=args.ctl_clients,
         control_sessions=args.control_sessions,
         control_clients=tuple(args.control_clients),
+        scenarios=tuple(args.scenarios),
+        cmd_sessions=args.cmd_sessions,
+        cmd_inflight=args.cmd_inflight,
+        cmd_transports=tuple(args.cmd_transports),
+        flood_calls=tuple(args.flood_calls),
+        flood_pps=args.flood_pps,
         relay_cpu=relay_cpu,
         gen_cpu=gen_cpu,
         gen_procs=args.gen_procs,

@@ -24,7 +24,9 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +59,12 @@ class Options:
     generator: str = "auto"
     port_min: int = 10000
     port_max: int = 32000
+    scenarios: tuple[str, ...] = ("control", "cmdrate", "media", "flood")
+    cmd_sessions: int = 2000
+    cmd_inflight: int = 8
+    cmd_transports: tuple[str, ...] = ("udp", "unix", "tcp")
+    flood_calls: tuple[int, ...] = (150,)
+    flood_pps: float = 20000.0
     out: Path = Path("bench-out")
     results_md: Path | None = None
     command_line: str = ""
@@ -183,10 +191,145 @@ def control_bench(opts: Options, spec: RelaySpec, workdir: Path) -> dict:
     return out
 
 
+# ---- command rate: U, L, Q, D with a fixed number in flight, per transport ---------
+
+
+def cmdrate_bench(opts: Options, spec: RelaySpec, workdir: Path) -> dict:
+    """U, L, Q, D for ``cmd_sessions`` sessions, ``cmd_inflight`` in flight, on each
+    transport the relay offers (rtpengine: udp only); relay CPU per command."""
+    from . import cmdrate
+
+    sockdir = Path(tempfile.mkdtemp(prefix="rtpc", dir="/tmp"))  # short: sun_path
+    unix_path = str(sockdir / "ctl.sock")
+    tcp_port = free_tcp_port()
+    transports = [t for t in opts.cmd_transports if t == "udp" or spec.kind != "rtpengine"]
+    extra: tuple[str, ...] = ()
+    if "unix" in transports:
+        extra += (f"unix:{unix_path}",)
+    if "tcp" in transports:
+        extra += (f"tcp:{NET.relay_ip}:{tcp_port}",)
+    relay = RelayProcess.start(
+        spec,
+        ctl_port=free_udp_port(),
+        port_min=opts.port_min,
+        port_max=opts.port_max,
+        cpu=opts.relay_cpu,
+        log_path=workdir / f"{spec.label}-cmdrate.log",
+        extra_ctl=extra,
+    )
+    out: dict = {}
+    try:
+        targets = {"udp": (NET.relay_ip, relay.ctl_port), "unix": unix_path, "tcp": (NET.relay_ip, tcp_port)}
+        n = opts.cmd_sessions
+        for transport in opts.cmd_transports:
+            if transport not in transports:
+                out[transport] = {"n/a": f"{spec.kind} has no {transport} rtpproxy control"}
+                continue
+            ids = control.CallIds(uuid.uuid4().hex[:8])
+            a_ports = [40000 + (i % 10000) * 2 for i in range(n)]
+            b_ports = [50000 + (i % 5000) * 2 for i in range(n)]
+            query = [f"Q {ids.cid(i)} {ids.atag(i)};1 {ids.btag(i)};1" for i in range(n)]
+            row: dict = {}
+            total_cmds = 0
+            total_cpu = 0.0
+            lat_all: list[int] = []
+            t_all = 0.0
+            for name, cmds in (
+                ("U", control.offer_commands(ids, a_ports)),
+                ("L", control.answer_commands(ids, b_ports)),
+                ("Q", query),
+                ("D", control.delete_commands(ids, n)),
+            ):
+                cpu0 = relay.cpu_seconds()
+                r = cmdrate.run_commands(transport, targets[transport], cmds, opts.cmd_inflight, name=name)
+                cpu = relay.cpu_seconds() - cpu0
+                summ = r.summary()
+                summ["relay_cpu_us_per_cmd"] = round(cpu / max(1, len(cmds)) * 1e6, 1)
+                row[name] = summ
+                total_cmds += len(cmds)
+                total_cpu += cpu
+                lat_all.extend(r.latencies_ns)
+                t_all += r.elapsed
+            lat_all.sort()
+            row["all"] = {
+                "cmds": total_cmds,
+                "rate_per_s": round(total_cmds / t_all, 1) if t_all > 0 else None,
+                "relay_cpu_us_per_cmd": round(total_cpu / max(1, total_cmds) * 1e6, 1),
+                "lat_p50_ms": round(control.percentile(lat_all, 50) / 1e6, 3) if lat_all else None,
+                "lat_p99_ms": round(control.percentile(lat_all, 99) / 1e6, 3) if lat_all else None,
+                "errors": sum(row[k]["errors"] for k in "ULQD"),
+                "timeouts": sum(row[k]["timeouts"] for k in "ULQD"),
+            }
+            out[transport] = row
+            log(
+                opts,
+                f"  cmdrate {spec.label:12s} {transport:4s} x{opts.cmd_inflight}: "
+                + "  ".join(f"{k} {row[k]['rate_per_s']:7.0f}/s" for k in "ULQD")
+                + f"  p50 {row['all']['lat_p50_ms']} p99 {row['all']['lat_p99_ms']} ms"
+                + f"  {row['all']['relay_cpu_us_per_cmd']} us CPU/cmd",
+            )
+    finally:
+        relay.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    return out
+
+
+def free_tcp_port() -> int:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Flooder:
+    """``python -m bench.flood`` spraying the relay's whole port range, pinned like the generator."""
+
+    def __init__(self, opts: Options, duration: float) -> None:
+        argv = pin_prefix(opts.gen_cpu) + [
+            sys.executable,
+            "-m",
+            "bench.flood",
+            "--host",
+            NET.relay_ip,
+            "--ports",
+            f"{opts.port_min}-{opts.port_max}",
+            "--pps",
+            str(opts.flood_pps),
+            "--duration",
+            str(duration),
+        ]
+        if NET.relay_prefix:  # --netns: the relay's address is on a veth the harness made
+            argv.append("--netns")
+        root = str(Path(__file__).resolve().parents[1])
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+
+    def finish(self, timeout: float = 30.0) -> dict:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+        words = out.split()
+        try:
+            return {"flood_sent": int(words[1]), "flood_errors": int(words[3])}
+        except (IndexError, ValueError):
+            return {"flood_sent": None, "flood_errors": None}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 # ---- one media step ----------------------------------------------------------
 
 
-def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workdir: Path) -> dict:
+def media_step(
+    opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workdir: Path, *, flood: bool = False
+) -> dict:
+    """One step of N calls; ``flood``: a stranger sprays the whole port range meanwhile."""
     params = GenParams(
         nsock=opts.gen_socks,
         warmup_ms=int(opts.warmup * 1000),
@@ -195,15 +338,18 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
         relay_ip=NET.relay_ip,
     )
     row: dict = {"relay": spec.label, "n": n}
+    if flood:
+        row["flood_pps"] = opts.flood_pps
     relay = RelayProcess.start(
         spec,
         ctl_port=free_udp_port(),
         port_min=opts.port_min,
         port_max=opts.port_max,
         cpu=opts.relay_cpu,
-        log_path=workdir / f"{spec.label}-{n}.log",
+        log_path=workdir / f"{spec.label}-{'flood-' if flood else ''}{n}.log",
     )
     gens = None
+    flooder = None
     try:
         gens = Generators(gen_cmd, params, opts.gen_procs, pin_prefix(opts.gen_cpu))
         eps = gens.endpoints(n)
@@ -226,6 +372,8 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
         row["setup_failed"] = failed
         if failed == n:
             raise RuntimeError(f"{spec.label}: no session could be set up (first reply {u.replies[0]!r})")
+        if flood:  # from before the media starts until after the window
+            flooder = Flooder(opts, opts.warmup + opts.duration + 1.0)
         gens.go(shards)
         gens.wait_start()
         dpid = relay.pid if opts.netns else None
@@ -244,10 +392,14 @@ def media_step(opts: Options, spec: RelaySpec, n: int, gen_cmd: list[str], workd
         core1 = _core(opts)
         rss = relay.rss()
         results = gens.results(timeout=opts.warmup + opts.duration + 30)
+        if flooder is not None:
+            row.update(flooder.finish())
         d = control.run_phase("D", addr, control.delete_commands(ids, n), opts.ctl_clients)
         row["teardown"] = {"D": d.summary()}
         alive = relay.alive()
     finally:
+        if flooder is not None:
+            flooder.kill()
         if gens is not None:
             gens.kill()
         relay.stop()
@@ -384,6 +536,12 @@ def _run(opts: Options, machine: dict) -> dict:
             "ctl_clients": opts.ctl_clients,
             "control_sessions": opts.control_sessions,
             "control_clients": list(opts.control_clients),
+            "scenarios": list(opts.scenarios),
+            "cmd_sessions": opts.cmd_sessions,
+            "cmd_inflight": opts.cmd_inflight,
+            "cmd_transports": list(opts.cmd_transports),
+            "flood_calls": list(opts.flood_calls),
+            "flood_pps": opts.flood_pps,
             "port_range": [opts.port_min, opts.port_max],
         },
         "relays": {
@@ -399,7 +557,7 @@ def _run(opts: Options, machine: dict) -> dict:
     res: dict = {"meta": meta, "control": {}, "steps": [], "max_n": {}}
     log(opts, f"bench: generator {gen_desc}; logs in {workdir}")
 
-    if opts.control_sessions > 0:
+    if "control" in opts.scenarios and opts.control_sessions > 0:
         for spec in opts.relays:
             try:
                 res["control"][spec.label] = control_bench(opts, spec, workdir)
@@ -407,7 +565,36 @@ def _run(opts: Options, machine: dict) -> dict:
                 res["control"][spec.label] = {"error": str(exc)}
                 log(opts, f"  control {spec.label}: FAILED {exc}")
 
-    active = list(opts.relays)
+    if "cmdrate" in opts.scenarios and opts.cmd_sessions > 0:
+        res["cmdrate"] = {}
+        for spec in opts.relays:
+            try:
+                res["cmdrate"][spec.label] = cmdrate_bench(opts, spec, workdir)
+            except Exception as exc:
+                res["cmdrate"][spec.label] = {"error": str(exc)}
+                log(opts, f"  cmdrate {spec.label}: FAILED {exc}")
+        report.write_json(res, opts.out / "bench.json")
+
+    if "flood" in opts.scenarios:
+        res["flood"] = []
+        for fi, n in enumerate(opts.flood_calls):
+            k = fi % len(opts.relays)
+            for spec in opts.relays[k:] + opts.relays[:k]:
+                try:
+                    row = media_step(opts, spec, n, gen_cmd, workdir, flood=True)
+                except Exception as exc:
+                    row = {
+                        "relay": spec.label,
+                        "n": n,
+                        "ok": False,
+                        "error": str(exc),
+                        "flood_pps": opts.flood_pps,
+                    }
+                res["flood"].append(row)
+                log(opts, "  flood " + report.step_line(row) + f"  stranger sent {row.get('flood_sent')}")
+        report.write_json(res, opts.out / "bench.json")
+
+    active = list(opts.relays) if "media" in opts.scenarios else []
     best: dict[str, int] = {s.label: 0 for s in opts.relays}
     for si, n in enumerate(opts.steps):
         if not active:

@@ -62,7 +62,11 @@ class RelaySpec:
         kind = "rtpengine" if "rtpengine" in Path(resolved).name else "rtpproxy"
         return cls(label, kind, os.path.abspath(resolved), extra)
 
-    def command(self, ctl_port: int, port_min: int, port_max: int) -> list[str]:
+    def command(
+        self, ctl_port: int, port_min: int, port_max: int, extra_ctl: tuple[str, ...] = ()
+    ) -> list[str]:
+        """The relay's command line; ``extra_ctl``: more ``-s`` control sockets
+        (``unix:PATH``, ``tcp:HOST:PORT``), not for rtpengine."""
         if self.kind == "rtpengine":
             return [
                 self.path,
@@ -84,6 +88,7 @@ class RelaySpec:
             "-F",
             "-s",
             f"udp:{NET.relay_ip}:{ctl_port}",
+            *[a for url in extra_ctl for a in ("-s", url)],
             "-l",
             NET.relay_ip,
             "-m",
@@ -150,8 +155,11 @@ class RelayProcess:
         cpu: int | None,
         log_path: Path,
         ready_timeout: float = 20.0,
+        extra_ctl: tuple[str, ...] = (),
     ) -> RelayProcess:
-        argv = list(NET.relay_prefix) + pin_prefix(cpu) + spec.command(ctl_port, port_min, port_max)
+        argv = (
+            list(NET.relay_prefix) + pin_prefix(cpu) + spec.command(ctl_port, port_min, port_max, extra_ctl)
+        )
         log = open(log_path, "ab")
         try:
             proc = subprocess.Popen(

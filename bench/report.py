@@ -105,6 +105,74 @@ def control_table(res: dict) -> list[list[str]]:
     return rows
 
 
+def cmdrate_table(res: dict) -> list[list[str]]:
+    rows = [
+        [
+            "relay",
+            "transport",
+            "U/s",
+            "L/s",
+            "Q/s",
+            "D/s",
+            "all/s",
+            "p50 ms",
+            "p99 ms",
+            "µs CPU/cmd",
+            "U µs CPU",
+            "L µs CPU",
+            "Q µs CPU",
+            "D µs CPU",
+            "errors/timeouts",
+        ]
+    ]
+    for label, by in res.get("cmdrate", {}).items():
+        if "error" in by:
+            rows.append([label, "-", "error: " + by["error"]] + [""] * 12)
+            continue
+        for transport, row in by.items():
+            if "n/a" in row:
+                rows.append([label, transport, "n/a"] + [""] * 12)
+                continue
+            a = row["all"]
+            rows.append(
+                [label, transport]
+                + [_f(row[k]["rate_per_s"], "{:.0f}") for k in "ULQD"]
+                + [
+                    _f(a["rate_per_s"], "{:.0f}"),
+                    _f(a["lat_p50_ms"], "{:.2f}"),
+                    _f(a["lat_p99_ms"], "{:.2f}"),
+                    _f(a["relay_cpu_us_per_cmd"], "{:.0f}"),
+                ]
+                + [_f(row[k]["relay_cpu_us_per_cmd"], "{:.0f}") for k in "ULQD"]
+                + [f"{a['errors']}/{a['timeouts']}"]
+            )
+    return rows
+
+
+FLOOD_COLS = [
+    ("relay", "relay", "{}"),
+    ("calls", "n", "{}"),
+    ("stranger pkt/s", "flood_pps", "{:.0f}"),
+    ("stranger sent", "flood_sent", "{}"),
+    ("calls' loss %", "loss_pct", "{:.4f}"),
+    ("late %", "late_pct", "{:.4f}"),
+    ("lat p50 ms", "lat_p50_ms", "{:.2f}"),
+    ("p99", "lat_p99_ms", "{:.2f}"),
+    ("relay CPU %", "relay_cpu_pct", "{:.1f}"),
+    ("lossy calls", "lossy_sessions", "{}"),
+]
+
+
+def flood_table(res: dict) -> list[list[str]]:
+    rows = [[t for t, _, _ in FLOOD_COLS]]
+    for r in res.get("flood", []):
+        if "error" in r:
+            rows.append([r["relay"], str(r["n"]), "error: " + r["error"]] + [""] * (len(FLOOD_COLS) - 3))
+            continue
+        rows.append([_f(r.get(k), f) for _, k, f in FLOOD_COLS])
+    return rows
+
+
 def max_table(res: dict) -> list[list[str]]:
     p = res["meta"]["params"]
     crit = "max N at ≤ %.2g %% loss" % p["max_loss_pct"]
@@ -246,14 +314,19 @@ def results_md(res: dict, png_rel: str | None) -> str:
     ]
     for label, r in meta["relays"].items():
         lines.append(f"* **{label}** ({r['version']}): `{' '.join(r['argv'])}`")
-    lines += ["", "## Calls per core", "", md_table(max_table(res)), ""]
-    if png_rel:
+    lines += [""]
+    if res["steps"]:
+        lines += ["## Calls per core", "", md_table(max_table(res)), ""]
+    if png_rel and res["steps"]:
         lines += [f"![loss, CPU and CPU per packet against N]({png_rel})", ""]
+    if res["steps"]:
+        lines += [
+            "## Every step",
+            "",
+            md_table(steps_table(res)),
+            "",
+        ]
     lines += [
-        "## Every step",
-        "",
-        md_table(steps_table(res)),
-        "",
         "Latency is from the generator's send call to the kernel's receive timestamp of the relayed packet "
         "(SO_TIMESTAMPNS), so it includes the loopback path, not the receiver's scheduling. "
         '"late %" is the share of packets that arrived but later than the late limit (counted as lost for pass/fail); '
@@ -271,6 +344,30 @@ def results_md(res: dict, png_rel: str | None) -> str:
             md_table(control_table(res)),
             "",
         ]
+    if res.get("cmdrate"):
+        lines += [
+            "## Command rate",
+            "",
+            f"{p.get('cmd_sessions')} sessions per transport: all U (offer), all L (answer), all Q, all D, "
+            f"{p.get('cmd_inflight')} commands in flight (one client thread, an epoll loop over "
+            f"{p.get('cmd_inflight')} sockets: udp with cookies, tcp persistent lines, unix one connection "
+            "per command); no media. µs CPU/cmd is the relay's user + system CPU over the phase "
+            "divided by its commands; latency is from send to reply.",
+            "",
+            md_table(cmdrate_table(res)),
+            "",
+        ]
+    if res.get("flood"):
+        lines += [
+            "## Flood",
+            "",
+            f"N calls run as in the media steps while a stranger sprays {p.get('flood_pps'):.0f} packets/s "
+            "round-robin over every port of the relay's range (-m..-M, from 4 source ports); loss and "
+            "late are the calls' own packets.",
+            "",
+            md_table(flood_table(res)),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -280,13 +377,20 @@ def write_all(res: dict, opts: Options) -> None:
     png = out / "bench.png"
     have_png = plot(res, png)
     if True:  # the tables always go to stdout; progress (stderr) is what --quiet silences
-        print()
-        print(text_table(max_table(res)))
-        print()
-        print(text_table(steps_table(res)))
+        if res["steps"]:
+            print()
+            print(text_table(max_table(res)))
+            print()
+            print(text_table(steps_table(res)))
         if res["control"]:
             print()
             print(text_table(control_table(res)))
+        if res.get("cmdrate"):
+            print()
+            print(text_table(cmdrate_table(res)))
+        if res.get("flood"):
+            print()
+            print(text_table(flood_table(res)))
         print()
         print(
             f"JSON: {out / 'bench.json'}"

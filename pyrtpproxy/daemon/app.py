@@ -9,6 +9,7 @@ calls with a validated Config.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +61,7 @@ class Server:
         for msg in control.exposed_control_warnings(self.bound, self.control_allow):
             log.warning("%s", msg)
         self._timer_wake = trio.Event() if _in_trio() else None
+        self._timer_at = math.inf  # the deadline the timer sleeps towards
         self._done: trio.Event | None = None
         self._cancel: trio.CancelScope | None = None
         self.dispatcher.on_schedule = self._poke_timer
@@ -170,15 +172,24 @@ class Server:
 
     # ---- timers ---------------------------------------------------------------
     def _poke_timer(self) -> None:
+        """A session was (re)scheduled: wake the timer if it is now due earlier."""
         ev = self._timer_wake
-        if ev is not None:
+        if ev is None or ev.is_set():
+            return
+        d = self.dispatcher.table.next_deadline()
+        if d is not None and d < self._timer_at:
             ev.set()
 
     async def _timer(self) -> None:
-        """One deadline for the whole table; no timer while nothing is due."""
+        """One deadline for the whole table; no timer while nothing is due.
+
+        ``_timer_at`` is the deadline it sleeps towards (inf: none), so a
+        U/L that only pushes a session's deadline later wakes nothing.
+        """
         while True:
             self._timer_wake = trio.Event()
             d = self.dispatcher.table.next_deadline()
+            self._timer_at = math.inf if d is None else d
             if d is None:
                 await self._timer_wake.wait()
                 continue

@@ -636,11 +636,32 @@ def bind_control(
 
 
 async def _run_handler(handler: CommandHandler, data: bytes, peer: str | None) -> bytes:
+    now = getattr(handler, "handle_now", None)
+    if now is not None:
+        reply = _run_now(now, data, peer)
+        if reply is not None:
+            return reply
     try:
         reply = await handler.handle(data, peer)
     except Exception:
         log.exception("command handler failed on %r", data[:200])
         return INTERNAL_ERROR_REPLY
+    return _checked(reply)
+
+
+def _run_now(now: Callable[[bytes, str | None], Any], data: bytes, peer: str | None) -> bytes | None:
+    """The handler's synchronous fast path (``handle_now``), if it takes the command."""
+    try:
+        reply = now(data, peer)
+    except Exception:
+        log.exception("command handler failed on %r", data[:200])
+        return INTERNAL_ERROR_REPLY
+    return None if reply is None else _checked(reply)
+
+
+def _checked(reply: Any) -> bytes:
+    if type(reply) is bytes:
+        return reply
     if not isinstance(reply, (bytes, bytearray, memoryview)):
         log.error("command handler returned %r, not bytes", type(reply).__name__)
         return INTERNAL_ERROR_REPLY
@@ -688,6 +709,10 @@ async def serve(
         raise ValueError(f"unknown mode {bound.mode!r}")
 
 
+#: Datagrams answered per wake-up of a UDP control socket before it yields.
+DATAGRAM_BATCH = 64
+
+
 async def _serve_datagram(
     bound: BoundControl,
     handler: CommandHandler,
@@ -696,7 +721,7 @@ async def _serve_datagram(
     allow: ControlAllow | None = None,
 ) -> None:
     assert bound.sock is not None
-    sock = trio.socket.from_stdlib_socket(bound.sock)
+    tsock = trio.socket.from_stdlib_socket(bound.sock)
     # --state: a handler with handle_deferred runs each command at once, in
     # order, and hands back what the reply waits for (its change durable);
     # the wait happens in a task of its own, so later commands go on and
@@ -707,11 +732,20 @@ async def _serve_datagram(
     )
     waiting: set[tuple] = set()
     async with trio.open_nursery() as nursery:
-        await _datagram_loop(bound, sock, handler, cache, task_status, deferred, waiting, nursery, allow)
+        await _datagram_loop(
+            bound, bound.sock, tsock, handler, cache, task_status, deferred, waiting, nursery, allow
+        )
 
 
 async def _send_when_durable(
-    sock: Any, wait: Any, reply: bytes, key: tuple, addr: Any, cache: ReplyCache, waiting: set
+    raw: socket.socket,
+    tsock: Any,
+    wait: Any,
+    reply: bytes,
+    key: tuple,
+    addr: Any,
+    cache: ReplyCache,
+    waiting: set,
 ) -> None:
     try:
         await wait()
@@ -720,12 +754,13 @@ async def _send_when_durable(
     finally:
         waiting.discard(key)
     cache.put(key, reply, trio.current_time())
-    await _sendto(sock, reply, addr)
+    await _sendto(raw, tsock, reply, addr)
 
 
 async def _datagram_loop(
     bound: BoundControl,
-    sock: Any,
+    raw: socket.socket,
+    tsock: Any,
     handler: CommandHandler,
     cache: ReplyCache,
     task_status: Any,
@@ -734,75 +769,107 @@ async def _datagram_loop(
     nursery: Any,
     allow: ControlAllow | None,
 ) -> None:
+    """Wait until the socket is readable, then answer what is queued.
+
+    The socket is read and written directly (it is non-blocking): up to
+    :data:`DATAGRAM_BATCH` datagrams per wake-up, each command run by the
+    handler's ``handle_now`` when it takes it (no Trio task switch, no lock),
+    else awaited through ``handle`` (or ``handle_deferred``).
+    """
     task_status.started()
     bufsize = CMD_BUFLEN  # one more than rtpproxy keeps, to spot oversize
+    now_fn = getattr(handler, "handle_now", None)
+    recvfrom = raw.recvfrom
+    wait_readable = trio.lowlevel.wait_readable
+    cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
     while True:
         try:
-            data, addr = await sock.recvfrom(bufsize)
-        except OSError as e:
-            if e.errno in _CLOSED_ERRNOS:
-                raise trio.ClosedResourceError(f"control socket {bound.spec} closed") from e
-            # e.g. ECONNREFUSED left by an ICMP error; never fatal
-            log.debug("recvfrom on %s: %s", bound.spec, e)
-            continue
-        if allow is not None and not allow.permits(addr[0]):
-            allow.deny(bound.spec, addr, "command")
-            continue
-        cookie, cmd = split_cookie(data)
-        if len(data) >= bufsize:
-            log.warning(
-                "control datagram from %s too long (>= %d bytes), rejected",
-                addr,
-                bufsize,
-            )
-            cmd = b""
-        peer = _peer_host(addr)
-        if cookie is None:
-            # nothing usable: rtpproxy answers a bare E5 (not cached)
-            handler.note_received()
-            reply = await _run_handler(handler, b"", peer)
-        else:
-            key = (addr[0], addr[1], cookie)
-            cached = cache.get(key, trio.current_time())
-            if cached is not None:
-                handler.note_duplicate()
-                await _sendto(sock, cached, addr)
+            await wait_readable(raw)
+        except OSError as e:  # pragma: no cover - closed under us
+            raise trio.ClosedResourceError(f"control socket {bound.spec} closed") from e
+        # One turn for whatever woke up with us (a signal's drain or shutdown,
+        # the expiry timer) before the batch: a command sent after SIGHUP
+        # then meets the drain, as it did when every recvfrom yielded.
+        await cancel_shielded_checkpoint()
+        t = trio.current_time()
+        for _ in range(DATAGRAM_BATCH):
+            try:
+                data, addr = recvfrom(bufsize)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno in _CLOSED_ERRNOS:
+                    raise trio.ClosedResourceError(f"control socket {bound.spec} closed") from e
+                # e.g. ECONNREFUSED left by an ICMP error; never fatal
+                log.debug("recvfrom on %s: %s", bound.spec, e)
                 continue
-            if key in waiting:
-                handler.note_duplicate()
+            if allow is not None and not allow.permits(addr[0]):
+                allow.deny(bound.spec, addr, "command")
                 continue
-            handler.note_received()
-            if deferred is not None:
-                try:
-                    reply, wait = await deferred(cmd, peer)
-                except Exception:
-                    log.exception("command handler failed on %r", cmd[:200])
-                    reply, wait = INTERNAL_ERROR_REPLY, None
-                if wait is not None and reply:
-                    waiting.add(key)
-                    nursery.start_soon(
-                        _send_when_durable,
-                        sock,
-                        wait,
-                        cookie + b" " + bytes(reply),
-                        key,
-                        addr,
-                        cache,
-                        waiting,
-                    )
-                    continue
+            cookie, cmd = split_cookie(data)
+            if len(data) >= bufsize:
+                log.warning(
+                    "control datagram from %s too long (>= %d bytes), rejected",
+                    addr,
+                    bufsize,
+                )
+                cmd = b""
+            peer = _peer_host(addr)
+            if cookie is None:
+                # nothing usable: rtpproxy answers a bare E5 (not cached)
+                handler.note_received()
+                reply = await _run_handler(handler, b"", peer)
             else:
-                reply = await _run_handler(handler, cmd, peer)
+                key = (addr[0], addr[1], cookie)
+                cached = cache.get(key, t)
+                if cached is not None:
+                    handler.note_duplicate()
+                    await _sendto(raw, tsock, cached, addr)
+                    continue
+                if key in waiting:
+                    handler.note_duplicate()
+                    continue
+                handler.note_received()
+                reply = _run_now(now_fn, cmd, peer) if now_fn is not None else None
+                if reply is None:
+                    if deferred is not None:
+                        try:
+                            reply, wait = await deferred(cmd, peer)
+                        except Exception:
+                            log.exception("command handler failed on %r", cmd[:200])
+                            reply, wait = INTERNAL_ERROR_REPLY, None
+                        if wait is not None and reply:
+                            waiting.add(key)
+                            nursery.start_soon(
+                                _send_when_durable,
+                                raw,
+                                tsock,
+                                wait,
+                                cookie + b" " + bytes(reply),
+                                key,
+                                addr,
+                                cache,
+                                waiting,
+                            )
+                            continue
+                    else:
+                        reply = await _run_handler(handler, cmd, peer)
+                    t = trio.current_time()
+                if reply:
+                    reply = cookie + b" " + reply
+                    cache.put(key, reply, t)
             if reply:
-                reply = cookie + b" " + reply
-                cache.put(key, reply, trio.current_time())
-        if reply:
-            await _sendto(sock, reply, addr)
+                await _sendto(raw, tsock, reply, addr)
 
 
-async def _sendto(sock: trio.socket.SocketType, data: bytes, addr: Any) -> None:
+async def _sendto(raw: socket.socket, tsock: trio.socket.SocketType, data: bytes, addr: Any) -> None:
+    """Send a reply on the socket directly; only one the kernel cannot take
+    at once waits in Trio."""
     try:
-        await sock.sendto(data, addr)
+        try:
+            raw.sendto(data, addr)
+        except BlockingIOError:
+            await tsock.sendto(data, addr)
     except OSError as e:
         log.warning("can't send control reply to %s: %s", addr, e)
 
@@ -846,16 +913,31 @@ async def _serve_listener(
     oneshot_timeout: float,
     allow: ControlAllow | None = None,
 ) -> None:
-    assert bound.sock is not None
-    lsock = trio.socket.from_stdlib_socket(bound.sock)
-    is_unix = bound.sock.family == socket.AF_UNIX
-    conn_fn = _oneshot_conn if bound.mode == ONESHOT else _stream_conn
+    """Accept connections; the sockets are used directly (non-blocking), Trio
+    only waits for readiness.
+
+    A ``unix:`` one-shot request that is already there when the connection is
+    accepted, and that the handler answers at once (``handle_now``), is
+    answered and closed right here; anything else gets a task.
+    """
+    lsock = bound.sock
+    assert lsock is not None
+    is_unix = lsock.family == socket.AF_UNIX
+    oneshot = bound.mode == ONESHOT
+    conn_fn = _oneshot_conn if oneshot else _stream_conn
+    now_fn = getattr(handler, "handle_now", None)
     count = _ConnCount()
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
             try:
-                conn, addr = await lsock.accept()
+                conn, addr = lsock.accept()
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(lsock)
+                except OSError as e:  # pragma: no cover - closed under us
+                    raise trio.ClosedResourceError(f"control socket {bound.spec} closed") from e
+                continue
             except OSError as e:
                 if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
                     continue
@@ -869,6 +951,13 @@ async def _serve_listener(
                 conn.close()
                 allow.deny(bound.spec, addr, "connection")
                 continue
+            conn.setblocking(False)
+            peer = LOCAL_PEER if is_unix else _peer_host(addr)
+            first = None
+            if oneshot and now_fn is not None:  # needs no slot when answered here
+                first = _oneshot_now(conn, handler, now_fn, peer)
+                if first == b"":
+                    continue
             if count.active >= max_connections:
                 if not count.evict_idlest():
                     conn.close()
@@ -891,7 +980,6 @@ async def _serve_listener(
             count.ids += 1
             entry = _Conn(trio.CancelScope(), trio.current_time())
             count.conns[count.ids] = entry
-            peer = LOCAL_PEER if is_unix else _peer_host(addr)
             nursery.start_soon(
                 _conn_wrapper,
                 conn_fn,
@@ -902,23 +990,59 @@ async def _serve_listener(
                 count.ids,
                 max_connections,
                 oneshot_timeout,
+                first,
             )
+
+
+def _oneshot_now(
+    conn: socket.socket, handler: CommandHandler, now_fn: Callable[..., Any], peer: str
+) -> bytes | None:
+    """Answer a ``unix:`` request on the spot if it is there and never waits.
+
+    Returns ``b""`` when the connection was dealt with (answered, or found
+    closed) and closed; else what was read (``None``: nothing yet), for the
+    connection's task.
+    """
+    try:
+        data = conn.recv(CMD_BUFLEN)
+    except BlockingIOError:
+        return None
+    except OSError:
+        conn.close()
+        return b""
+    if not data:
+        conn.close()  # connected and left: costs nothing
+        return b""
+    if len(data) >= CMD_BUFLEN:
+        return data  # the task rejects it, as it would have
+    reply = _run_now(now_fn, strip_oneshot(data), peer)
+    if reply is None:
+        return data
+    handler.note_received()
+    try:
+        if reply:
+            conn.send(reply)  # a fresh socket takes a reply of any usual size at once
+    except OSError as e:
+        log.debug("unix control connection: %s", e)
+    conn.close()
+    return b""
 
 
 async def _conn_wrapper(
     fn: Callable[..., Any],
-    conn: trio.socket.SocketType,
+    conn: socket.socket,
     handler: CommandHandler,
     peer: str,
     count: _ConnCount,
     key: int,
     max_connections: int,
     oneshot_timeout: float,
+    first: bytes | None = None,
 ) -> None:
     entry = count.conns[key]
     try:
         with entry.scope:
-            await fn(trio.SocketStream(conn), _Tracked(handler, entry), peer, oneshot_timeout)
+            await fn(conn, _Tracked(handler, entry), peer, oneshot_timeout, first)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
         log.debug("control connection from %s: %s", peer, e)
     finally:
@@ -938,6 +1062,7 @@ class _Tracked:
         self._entry = entry
         self.note_received = handler.note_received
         self.note_duplicate = handler.note_duplicate
+        self._now = getattr(handler, "handle_now", None)
 
     async def handle(self, data: bytes, peer_host: str | None) -> bytes:
         e = self._entry
@@ -948,19 +1073,50 @@ class _Tracked:
             e.busy = False
             e.last = trio.current_time()
 
+    def handle_now(self, data: bytes, peer_host: str | None) -> bytes | None:
+        reply = self._now(data, peer_host) if self._now is not None else None
+        if reply is not None:
+            self._entry.last = trio.current_time()
+        return reply
+
+
+async def _recv(conn: socket.socket, size: int) -> bytes:
+    """Read what is there, waiting (in Trio) only when nothing is."""
+    while True:
+        try:
+            return conn.recv(size)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(conn)
+
+
+async def _send_all(conn: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = conn.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(conn)
+            continue
+        view = view[n:]
+
 
 async def _oneshot_conn(
-    stream: trio.SocketStream,
+    conn: socket.socket,
     handler: CommandHandler,
     peer: str,
     timeout: float,
+    first: bytes | None = None,
 ) -> None:
-    data = b""
-    with trio.move_on_after(timeout) as scope:
-        data = await stream.receive_some(CMD_BUFLEN)
-    if scope.cancelled_caught:
-        log.debug("unix control connection sent nothing in %g s, closed", timeout)
-        return
+    """rtpproxy's ``unix:``: one read is the command (``first``, if the accept
+    loop already read it), then the reply, then close."""
+    data = first
+    if data is None:
+        data = b""
+        with trio.move_on_after(timeout) as scope:
+            data = await _recv(conn, CMD_BUFLEN)
+        if scope.cancelled_caught:
+            log.debug("unix control connection sent nothing in %g s, closed", timeout)
+            return
     if not data:
         return  # connected and left: costs nothing
     handler.note_received()
@@ -972,18 +1128,21 @@ async def _oneshot_conn(
     reply = await _run_handler(handler, cmd, peer)
     if reply:
         with trio.move_on_after(timeout):
-            await stream.send_all(reply)
+            await _send_all(conn, reply)
 
 
 async def _stream_conn(
-    stream: trio.SocketStream,
+    conn: socket.socket,
     handler: CommandHandler,
     peer: str,
     timeout: float,
+    first: bytes | None = None,
 ) -> None:
     framer = LineFramer(CMD_BUFLEN)
+    now_fn = getattr(handler, "handle_now", None)
+    out: list[bytes] = []
     while True:
-        data = await stream.receive_some(65536)
+        data = await _recv(conn, 65536)
         if not data:
             return
         for line in framer.feed(data):
@@ -993,11 +1152,22 @@ async def _stream_conn(
                     peer,
                     CMD_BUFLEN - 1,
                 )
+                if out:
+                    await _send_all(conn, b"".join(out))
                 return
             handler.note_received()
-            reply = await _run_handler(handler, line, peer)
+            reply = _run_now(now_fn, line, peer) if now_fn is not None else None
+            if reply is None:
+                if out:  # what is answered goes out before a command that waits
+                    await _send_all(conn, b"".join(out))
+                    out.clear()
+                reply = await _run_handler(handler, line, peer)
             if reply:
-                await stream.send_all(reply)
+                out.append(reply)
+        if out:  # one write for every line of this read, in order
+            await _send_all(conn, b"".join(out))
+            out.clear()
+        await trio.lowlevel.checkpoint()  # a busy connection lets the others in
 
 
 async def _serve_stdio(

@@ -7,6 +7,7 @@ removed) and gets the reply text back.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -26,6 +27,19 @@ from ..sessions.ports import PortsExhausted, PortTable
 from ..sessions.session import Session, SessionTable, Stream
 
 log = logging.getLogger("pyrtpproxy")
+_debug = functools.partial(log.isEnabledFor, logging.DEBUG)  # cached by logging
+
+#: Commands that never wait (run by :meth:`Dispatcher.execute_now`).
+_SYNC_COMMANDS = frozenset(
+    (C.Update, C.Delete, C.Query, C.Version, C.VersionFeature, C.DeleteAll, C.Info, C.Stats)
+)
+#: First bytes of the commands that never wait: U, L, D, Q, V(F), X, I, G.
+_NOW = frozenset(bytes([c]) for c in b"ULDQVXIGuldqvxig")
+
+
+def _no_durability(cmd: Any) -> Any:
+    """``on_answered`` without --state: a reply waits for nothing."""
+    return None
 
 
 @attrs.frozen
@@ -141,7 +155,7 @@ class Dispatcher:
         self.on_gone: list[Callable[[Session, float, bool], None]] = []
         # --state: called once per answered command; may return an async
         # function the reply waits for (the change is durable).
-        self.on_answered: Callable[[Any], Any] = lambda cmd: None
+        self.on_answered: Callable[[Any], Any] = _no_durability
         self.defers_replies = False  # --state: UDP replies wait in tasks of their own
         self._durable: Any = None
         self._pps_sample = (clock(), 0)
@@ -200,47 +214,117 @@ class Dispatcher:
             wait, self._durable = self._durable, None
         return out, wait
 
+    def handle_now(self, data: bytes, peer_host: str | None = None) -> bytes | None:
+        """Run a command that never waits (U, L, D, Q, V, I, G, X) here and now.
+
+        Returns the reply, or None when the command has to go through
+        :meth:`handle` (a command that waits: R, C, P, S, N, a U/L or Q that
+        first moves its session into this process, see :meth:`_waits`;
+        another command is still running; or --state, where a reply waits
+        for its change to be durable).  The transports try this first: it
+        spares a Trio task switch and a lock per command.  It never yields,
+        so it cannot interleave with another command.
+        """
+        if (
+            data[:1] not in _NOW
+            or self.on_answered is not _no_durability
+            or (self._lock is not None and self._lock.locked())
+        ):
+            return None
+        return self._run(data, peer_host)
+
     async def _handle(self, data: bytes, peer_host: str | None) -> bytes:
-        log.debug('received command "%s"', data.decode("utf-8", "replace").rstrip("\r\n"))
+        if data[:1] in _NOW:
+            done = self._run(data, peer_host)
+            if done is not None:
+                return done
+        elif _debug():
+            log.debug('received command "%s"', data.decode("utf-8", "replace").rstrip("\r\n"))
         try:
             cmd = self._parse(data, self.env)
             try:
                 reply = await self.execute(cmd, peer_host)
             finally:
                 self._durable = self.on_answered(cmd)
-            self.counters.ncmds_succd += 1
         except _ErrorReply as exc:
-            # rtpproxy answers some failures with a plain reply (an L for an
-            # unknown session answers 0) but still counts them as errors.
-            reply = exc.text
-            self.counters.ncmds_errs += 1
+            return self._failed(exc, exc.text)
         except RtppError as exc:
-            reply = exc.reply()
-            self.counters.ncmds_errs += 1
-            log.debug("command failed: E%d %s", exc.code, exc.msg)
+            return self._failed(exc)
         except Exception:
-            log.exception("internal error while running a command")
-            reply = "E%d" % ECode.PARSE_1
-            self.counters.ncmds_errs += 1
-        self.counters.ncmds_repld += 1
-        out = reply + "\n"
+            return self._crashed()
+        return self._done(reply)
+
+    def _run(self, data: bytes, peer_host: str | None) -> bytes | None:
+        """Parse and run a command that never waits; None if this one has to."""
+        if _debug():
+            log.debug('received command "%s"', data.decode("utf-8", "replace").rstrip("\r\n"))
+        try:
+            cmd = self._parse(data, self.env)
+            if self._waits(cmd):
+                return None
+            try:
+                reply = self.execute_now(cmd, peer_host)
+            finally:
+                self._durable = self.on_answered(cmd)
+        except _ErrorReply as exc:
+            return self._failed(exc, exc.text)
+        except RtppError as exc:
+            return self._failed(exc)
+        except Exception:
+            return self._crashed()
+        return self._done(reply)
+
+    def _done(self, reply: str) -> bytes:
+        c = self.counters
+        c.ncmds_succd += 1
+        c.ncmds_repld += 1
+        if _debug():
+            self._log_reply(reply)
+        return (reply + "\n").encode("utf-8", "surrogateescape")
+
+    def _failed(self, exc: RtppError, text: str | None = None) -> bytes:
+        """An error: counted as one; the reply is its E-code, or ``text``
+        (rtpproxy answers some failures with a plain reply, e.g. an L for an
+        unknown session answers 0, but still counts them as errors)."""
+        c = self.counters
+        c.ncmds_errs += 1
+        c.ncmds_repld += 1
+        reply = exc.reply() if text is None else text
+        if _debug():
+            if text is None:
+                log.debug("command failed: E%d %s", exc.code, exc.msg)
+            self._log_reply(reply)
+        return (reply + "\n").encode("utf-8", "surrogateescape")
+
+    def _crashed(self) -> bytes:
+        log.exception("internal error while running a command")
+        c = self.counters
+        c.ncmds_errs += 1
+        c.ncmds_repld += 1
+        reply = "E%d" % ECode.PARSE_1
+        if _debug():
+            self._log_reply(reply)
+        return (reply + "\n").encode("utf-8", "surrogateescape")
+
+    @staticmethod
+    def _log_reply(reply: str) -> None:
         log.debug('sending reply "%s"', reply.replace("\n", "\\n"))
-        return out.encode("utf-8", "surrogateescape")
 
     # ---- commands ------------------------------------------------------------
-    async def execute(self, cmd: Any, peer_host: str | None = None) -> str:
+    def execute_now(self, cmd: Any, peer_host: str | None = None) -> str:
+        """Run a command of :data:`_SYNC_COMMANDS` that :meth:`_waits` said needs no waiting."""
         now = self.clock()
         t = type(cmd)
         if t is C.Update:
-            if self._needs_local(cmd):
-                await self._localize_for(cmd)
             return self.update(cmd, now, peer_host)
+        if t is C.Delete:
+            return self.delete(cmd, now)
+        if t is C.Query:
+            return self.query(cmd, now)
         if t is C.Version:
             return "20040107"
         if t is C.VersionFeature:
             return "1" if caps.supports(cmd.datecode, notify=self.env.notify) else "0"
-        if t is C.Delete:
-            return self.delete(cmd, now)
         if t is C.DeleteAll:
             for s in list(self.table):
                 self.destroy(s, now)
@@ -249,13 +333,39 @@ class Dispatcher:
             return self.info(cmd)
         if t is C.Stats:
             return self.stats(cmd, now)
+        raise RtppError(ECode.CMDUNKN)
+
+    def _waits(self, cmd: Any) -> bool:
+        """Whether a command of :data:`_SYNC_COMMANDS` has to wait first (it
+        moves a session into this process: a U/L that asks for the slow path,
+        a Q for analysis counters of a session not analysed yet)."""
+        t = type(cmd)
+        if t is C.Update:
+            return self._needs_local(cmd)
         if t is C.Query:
-            if any(name in _ANALYSIS_NAMES for name in cmd.names):
-                found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
-                if found is not None and not found[0].analyzed:
-                    await self.engine.localize(found[0])
-                    self._enable_analysis(found[0])
-            return self.query(cmd, now)
+            return self._query_to_analyse(cmd) is not None
+        return False
+
+    def _query_to_analyse(self, cmd: C.Query) -> Session | None:
+        if any(name in _ANALYSIS_NAMES for name in cmd.names):
+            found = self.table.find(cmd.call_id, cmd.from_tag, cmd.to_tag)
+            if found is not None and not found[0].analyzed:
+                return found[0]
+        return None
+
+    async def execute(self, cmd: Any, peer_host: str | None = None) -> str:
+        t = type(cmd)
+        if t is C.Update:
+            if self._needs_local(cmd):
+                await self._localize_for(cmd)
+        elif t is C.Query:
+            s = self._query_to_analyse(cmd)
+            if s is not None:
+                await self.engine.localize(s)
+                self._enable_analysis(s)
+        if t in _SYNC_COMMANDS:
+            return self.execute_now(cmd, peer_host)
+        now = self.clock()
         if t is C.Record:
             return await self.record(cmd, now)
         if t is C.Copy:
@@ -448,7 +558,7 @@ class Dispatcher:
         remote = _remote_tuple(cmd.remote)
         rremote = _remote_tuple(cmd.remote, 1)
         party_rtcp = party.rtcp_twin
-        self.engine.call(_apply_prefill, party, party_rtcp, remote, rremote, bool(asym), cmd.on_hold, now)
+        self.engine.post(_apply_prefill, party, party_rtcp, remote, rremote, bool(asym), cmd.on_hold, now)
         # W marks this command's stream weak, for U and L alike; only U
         # without W makes the session strong.
         if cmd.mods.weak:
@@ -480,7 +590,7 @@ class Dispatcher:
                 )
         if not s.rtp[0].active and s.rtp[0].sock is not None and s.rtp[1].sock is not None:
             for st in s.streams():
-                self.engine.call(_set_active, st)
+                self.engine.post(_set_active, st)
         s.reset_ttl(now, sett.ttl if s.complete else sett.setup_ttl)
         self.table.schedule(s)
         self.on_schedule()

@@ -461,6 +461,13 @@ class ShardedEngine:
         st.sid = st.slot = -1
 
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._call(fn, args, self.local.call)
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """:meth:`MediaEngine.post`: workers get a message either way."""
+        self._call(fn, args, self.local.post)
+
+    def _call(self, fn: Callable[..., Any], args: tuple, local: Callable[..., None]) -> None:
         for a in args:
             if not isinstance(a, Stream):
                 continue
@@ -474,7 +481,7 @@ class ShardedEngine:
                 fn(*args)
                 return
             break
-        self.local.call(fn, *args)
+        local(fn, *args)
 
     async def barrier(self) -> None:
         await self.local.barrier()

@@ -84,11 +84,16 @@ def _s(b: bytes) -> str:
 # small C-compatible helpers
 
 
+_MAX_LEN: dict[tuple[int, int], int] = {}  # digits of (limit, base)
+
+
 def _bounded_int(digits: bytes, base: int, limit: int) -> int:
     """``int(digits, base)``, or ``limit + 1`` when it would exceed
     ``limit`` (avoids converting huge digit strings)."""
     stripped = digits.lstrip(b"0")
-    max_len = len(format(limit, "x" if base == 16 else "o" if base == 8 else "d"))
+    max_len = _MAX_LEN.get((limit, base))
+    if max_len is None:
+        max_len = _MAX_LEN[limit, base] = len(format(limit, "x" if base == 16 else "o" if base == 8 else "d"))
     if len(stripped) > max_len:
         return limit + 1
     if not stripped:
@@ -140,6 +145,8 @@ def _atoi_safe(b: bytes) -> int | None:
 
 _AATON_PART = re.compile(rb"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
 _AATON_MAX = (0xFFFFFFFF, 0xFFFFFF, 0xFFFF, 0xFF)
+_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rb"(?:" + _OCTET + rb"\.){3}" + _OCTET)
 
 
 def _inet_aton_exact(b: bytes) -> int | None:
@@ -147,6 +154,9 @@ def _inet_aton_exact(b: bytes) -> int | None:
     1 to 4 dot-separated parts, each decimal, octal (leading 0) or hex
     (0x); the last part fills the remaining bytes.  Returns the address
     as an integer, or None."""
+    if _DOTTED_QUAD.fullmatch(b) is not None:  # the usual a.b.c.d, no leading zeros
+        p0, p1, p2, p3 = b.split(b".")
+        return (int(p0) << 24) | (int(p1) << 16) | (int(p2) << 8) | int(p3)
     parts: list[int] = []
     i = 0
     n = len(b)

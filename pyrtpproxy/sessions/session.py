@@ -64,6 +64,7 @@ class Stream:
     ndropped: int = 0
     nbytes: int = 0  # bytes relayed (MediaProxy accounting)
     last_rx: float = -1e9
+    hot: bool = False  # the engine dropped a packet here lately: drain in bursts
     # Per-stream options.
     tos: int | None = None
     ttl: int | None = None

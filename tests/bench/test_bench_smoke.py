@@ -22,6 +22,8 @@ def test_harness_runs_end_to_end(tmp_path):
             sys.executable,
             "-m",
             "bench",
+            "--scenarios",
+            "control,media",
             "--steps",
             "5,10",
             "--duration",

@@ -439,10 +439,23 @@ def test_hup_drain_keeps_kernel_calls_until_deleted_then_cleans_up(relay):
     call = Call(relay)
     call.latch()
     relay.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: relay.cmd("U c9 10.71.1.2 7000 x").startswith("E"), "the drain to refuse new calls")
+    # a new Call-ID each time: one that got in before the drain would be found
+    # again (and is deleted below, so that the drain can finish)
+    early: list[str] = []
+
+    def refused() -> bool:
+        cid = f"c9-{len(early)}"
+        if relay.cmd(f"U {cid} 10.71.1.2 7000 x").startswith("E"):
+            return True
+        early.append(cid)
+        return False
+
+    wait_for(refused, "the drain to refuse new calls")
     with stopped(relay.proc):
         call.a_to_b(5)  # the call still flows, in the kernel
     assert relay.nflows() == 2
+    for cid in early:
+        assert relay.cmd(f"D {cid} x") == "0"
     assert relay.cmd("D c1 ft tt") == "0"
     assert relay.proc.wait(DEADLINE) == 0  # drained: the relay exits
     relay.log.close()
