@@ -101,30 +101,22 @@ async def test_the_runner_sees_each_kind_of_failure(monkeypatch, fault):
     from pyrtpproxy.daemon import control
     from pyrtpproxy.protocol import commands as C
 
-<<<<<<< HEAD
-    # _handle is what every transport's path ends in (handle, handle_deferred)
-    real_execute, real_handle, real_send = Dispatcher.execute, Dispatcher._handle, control._sendto
-=======
-    real_execute, real_handle, real_send = Dispatcher.execute_now, Dispatcher.handle, control._sendto
+    # _handle is what every awaited path ends in (handle, handle_deferred);
+    # handle_now is the transports' fast path
+    real_execute, real_handle, real_send = Dispatcher.execute_now, Dispatcher._handle, control._sendto
     real_now = Dispatcher.handle_now
->>>>>>> 133118c (Speed (issue 15): control-plane fast path (handle_now, batched raw-socket UDP, raw-socket stream/unix control, unix one-shot answered at accept), MediaEngine.post (no thread round trip while the loop is idle), expiry timer woken only for an earlier deadline, parser fast paths; media loop reads one packet per call socket per round when many are ready (no EAGAIN recvfrom per packet), flooded sockets still drained in bursts; bench: cmdrate and flood scenarios, engine_cost, smoke tests)
 
     def execute(self, cmd, peer_host=None):
         if type(cmd) is C.Version:
             raise RuntimeError("boom")
         return real_execute(self, cmd, peer_host)
 
-<<<<<<< HEAD
-    async def handle(self, data, peer_host):
-        reply = await real_handle(self, data, peer_host)
-=======
     def mangle(reply):
->>>>>>> 133118c (Speed (issue 15): control-plane fast path (handle_now, batched raw-socket UDP, raw-socket stream/unix control, unix one-shot answered at accept), MediaEngine.post (no thread round trip while the loop is idle), expiry timer woken only for an earlier deadline, parser fast paths; media loop reads one packet per call socket per round when many are ready (no EAGAIN recvfrom per packet), flooded sockets still drained in bursts; bench: cmdrate and flood scenarios, engine_cost, smoke tests)
         if reply == b"20040107\n":
             return b"20040107 and more\n" if fault == "bad" else b""
         return reply
 
-    async def handle(self, data, peer_host=None):
+    async def handle(self, data, peer_host):
         return mangle(await real_handle(self, data, peer_host))
 
     def handle_now(self, data, peer_host=None):
@@ -142,12 +134,8 @@ async def test_the_runner_sees_each_kind_of_failure(monkeypatch, fault):
     elif fault == "twice":
         monkeypatch.setattr(control, "_sendto", twice)
     else:
-<<<<<<< HEAD
         monkeypatch.setattr(Dispatcher, "_handle", handle)
-=======
-        monkeypatch.setattr(Dispatcher, "handle", handle)
         monkeypatch.setattr(Dispatcher, "handle_now", handle_now)
->>>>>>> 133118c (Speed (issue 15): control-plane fast path (handle_now, batched raw-socket UDP, raw-socket stream/unix control, unix one-shot answered at accept), MediaEngine.post (no thread round trip while the loop is idle), expiry timer woken only for an earlier deadline, parser fast paths; media loop reads one packet per call socket per round when many are ready (no EAGAIN recvfrom per packet), flooded sockets still drained in bursts; bench: cmdrate and flood scenarios, engine_cost, smoke tests)
     with trio.fail_after(120):
         res = await run_fuzz(300, seed=3, port_min=47500, port_max=47998, reply_timeout=0.5)
     assert not res.ok
