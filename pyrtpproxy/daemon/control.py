@@ -1142,7 +1142,14 @@ async def _stream_conn(
     now_fn = getattr(handler, "handle_now", None)
     out: list[bytes] = []
     while True:
-        data = await _recv(conn, 65536)
+        # A controller waits for its reply before the next command: wait for
+        # readiness first (a turn for the other tasks too) rather than try a
+        # read that would fail.
+        await trio.lowlevel.wait_readable(conn)
+        try:
+            data = conn.recv(65536)
+        except BlockingIOError:
+            continue
         if not data:
             return
         for line in framer.feed(data):
@@ -1167,7 +1174,6 @@ async def _stream_conn(
         if out:  # one write for every line of this read, in order
             await _send_all(conn, b"".join(out))
             out.clear()
-        await trio.lowlevel.checkpoint()  # a busy connection lets the others in
 
 
 async def _serve_stdio(
