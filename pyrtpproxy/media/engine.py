@@ -473,11 +473,17 @@ class MediaEngine:
                     if dst is None or peer.muted or peer.sock is None:
                         st.ndropped += 1
                         continue
+                    # Counted before the send: whoever receives the packet
+                    # (a test, or a controller's Q) already sees it counted.
+                    st.nrelayed += 1
+                    st.nbytes += n
                     try:
                         peer.sock.sendto(mv[:n], dst)
                         if dup_small and n < 128 and not st.is_rtcp:
                             peer.sock.sendto(mv[:n], dst)
                     except OSError as exc:
+                        st.nrelayed -= 1
+                        st.nbytes -= n
                         if exc.errno not in (
                             errno.EAGAIN,
                             errno.ENOBUFS,
@@ -491,7 +497,5 @@ class MediaEngine:
                             self.errors += 1
                         st.ndropped += 1
                         continue
-                    st.nrelayed += 1
-                    st.nbytes += n
             if after_batch is not None:
                 after_batch(events)
