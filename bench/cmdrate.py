@@ -108,7 +108,10 @@ def run_commands(
         else:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.connect(target)  # blocking connect to a local listener: immediate
+        # A local listener accepts at once; one whose backlog stays full (a
+        # wedged relay) must not hang the harness.
+        s.settimeout(timeout)
+        s.connect(target)
         s.setblocking(False)
         return s
 

@@ -145,8 +145,8 @@ class KernelRelay:
 @pytest.fixture
 def relay(tmp_path):
     r = KernelRelay(tmp_path, "--kernel")
-    r.start()
     try:
+        r.start()  # a start that fails still ends the relay process
         yield r
     finally:
         r.close()
@@ -227,8 +227,8 @@ def test_kernel_forwards_nated_caller_while_relay_is_frozen(relay):
 
 def test_metrics_show_the_kernel_path(tmp_path):
     r = KernelRelay(tmp_path, "--kernel", "--metrics", "tcp:127.0.0.1:9901")
-    r.start()
     try:
+        r.start()  # a start that fails still ends the relay process
         call = Call(r)
         call.latch()
         call.a_to_b(10)
@@ -331,8 +331,8 @@ def test_delete_and_exit_leave_no_state(relay):
 
 def test_media_keeps_call_alive_silence_times_it_out(tmp_path):
     r = KernelRelay(tmp_path, "--kernel", "-T", "3")
-    r.start()
     try:
+        r.start()  # a start that fails still ends the relay process
         call = Call(r)
         call.latch()
         end = time.monotonic() + 5  # longer than the TTL, media only through the kernel
@@ -364,8 +364,8 @@ def test_record_moves_the_call_to_userspace_norecord_back(tmp_path):
     rec = tmp_path / "rec"
     rec.mkdir()
     r = KernelRelay(tmp_path, "--kernel", "-r", str(rec))
-    r.start()
     try:
+        r.start()  # a start that fails still ends the relay process
         call = Call(r)
         call.latch()
         assert r.cmd("R c1 ft tt") == "0"
@@ -486,8 +486,8 @@ def test_asymmetric_call_stays_in_userspace(relay):
 
 def test_ipv6_call_forwarded_by_the_kernel(tmp_path):
     r = KernelRelay(tmp_path, "--kernel", "-l", RA_ADDR, "-6", f"v6@{RA6}")  # both sides reach RA6
-    r.start()
     try:
+        r.start()  # a start that fails still ends the relay process
         topo = r.topo
         pu = int(r.cmd(f"U6 c6 {A6} 5000 ft").split()[0])  # the callee sends here
         pl = int(r.cmd(f"L6 c6 {B6} 6000 ft tt").split()[0])  # the caller sends here
