@@ -255,6 +255,11 @@ def _learn(st: Any, src: tuple, buf: Any, n: int, now: float, heuristic: bool) -
     """A packet while ``st`` learns (not latched)."""
     hdr = None if st.is_rtcp else rtp_header_untrusted(buf, n)
     valid = st.is_rtcp or hdr is not None
+    if heuristic and st.is_rtcp and st.remote is not None and src[0] != st.remote[0]:
+        # RTCP carries no SSRC/seq to judge by and phones often send none:
+        # it learns only from the host its RTP sibling (or the SDP) names,
+        # so a stranger's spray can't make it a candidate, even the only one.
+        return DROP
     if st.learn_until == 0.0:
         st.learn_until = now + LEARN_WINDOW
         st.cand = None

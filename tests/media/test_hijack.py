@@ -279,3 +279,29 @@ async def test_policy_reaches_media_workers(nursery):
     assert await _drain(call.evil, relay) == 0
     assert await _drain(call.a, relay) == 5 and await _drain(call.b, relay) == 5
     assert int(await relay.cmd("G pyrtpp_npkts_foreign")) >= 60  # counted in the worker
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["heuristic", "heuristic+strict"])
+async def test_rtcp_ports_of_phones_without_rtcp_are_not_captured(nursery, strict):
+    """Phones that send no RTCP: a stranger spraying the call's four ports gets
+    nothing back, not even its own RTCP reflected, under heuristic learning
+    (a stream learns only from the host its RTP sibling and SDP point at)."""
+    relay, clock = await start_policy_relay(nursery, "heuristic", strict)
+    call = Call(relay, clock)
+    await call.setup()
+    for _ in range(3):
+        await call.send("a")
+        await call.send("b")
+        await call.spray(3, False)
+        await relay.barrier()
+        call.advance(4.0)  # past the learning window
+    for _ in range(5):
+        await call.spray(3, False)
+        await call.send("a")
+        await call.send("b")
+    await relay.barrier()
+    stolen = await _drain(call.evil, relay)
+    got_b = await _drain(call.b, relay)
+    got_a = await _drain(call.a, relay)
+    assert stolen == 0
+    assert got_a == call.sent["b"] and got_b == call.sent["a"]
