@@ -301,6 +301,23 @@ class MediaEngine:
                 self.errors += 1
                 log.exception("media engine job failed")
 
+    def _admit(self, st: Stream, src: Any, buf: bytearray, n: int, now: float, accept: Any) -> bool:
+        """A packet off the fast path (another source, or not latched yet): the
+        latch rules decide; a refusal is counted, a (re-)latch logged and
+        reported. Shared by the fast loop and the slow path."""
+        nlatch = st.nlatch
+        was_latched = st.latched
+        if not accept(st, src, buf, n, now):
+            st.ndropped += 1
+            st.hot = True  # a dropping socket is drained in bursts
+            self.npkts_foreign += 1
+            return False
+        if st.nlatch != nlatch:
+            _log_latch(st, nlatch)
+        if self.on_latch is not None and (st.nlatch != nlatch or not was_latched):
+            self.on_latch(st)
+        return True
+
     def _hook_failed(self, st: Stream) -> None:
         self.errors += 1
         st.hook = None
@@ -332,16 +349,8 @@ class MediaEngine:
                     self.npkts_inactive += 1
                     continue
                 if src != st.remote or not st.latched:
-                    nlatch = st.nlatch
-                    was_latched = st.latched
-                    if not accept(st, src, buf, n, now):
-                        st.ndropped += 1
-                        self.npkts_foreign += 1
+                    if not self._admit(st, src, buf, n, now, accept):
                         continue
-                    if st.nlatch != nlatch:
-                        _log_latch(st, nlatch)
-                    if self.on_latch is not None and (st.nlatch != nlatch or not was_latched):
-                        self.on_latch(st)
                 elif not st.is_rtcp and n >= 12:
                     st.seq = (buf[2] << 8) | buf[3]
                 hook(st, mv, n, src, now)
@@ -446,17 +455,8 @@ class MediaEngine:
                         self.npkts_inactive += 1
                         continue
                     if src != st.remote or not st.latched:
-                        nlatch = st.nlatch
-                        was_latched = st.latched
-                        if not accept(st, src, buf, n, now):
-                            st.ndropped += 1
-                            st.hot = True
-                            self.npkts_foreign += 1
+                        if not self._admit(st, src, buf, n, now, accept):
                             continue
-                        if st.nlatch != nlatch:
-                            _log_latch(st, nlatch)
-                        if self.on_latch is not None and (st.nlatch != nlatch or not was_latched):
-                            self.on_latch(st)
                     elif not st.is_rtcp and n >= 12:
                         st.seq = (buf[2] << 8) | buf[3]
                     peer = st.peer
