@@ -1013,12 +1013,14 @@ def _oneshot_now(
     if not data:
         conn.close()  # connected and left: costs nothing
         return b""
+    # Counted before it runs (a G counts itself in ncmds_rcvd, as in
+    # rtpproxy); the connection's task does not count what it is handed.
+    handler.note_received()
     if len(data) >= CMD_BUFLEN:
         return data  # the task rejects it, as it would have
     reply = _run_now(now_fn, strip_oneshot(data), peer)
     if reply is None:
         return data
-    handler.note_received()
     try:
         if reply:
             conn.send(reply)  # a fresh socket takes a reply of any usual size at once
@@ -1117,9 +1119,9 @@ async def _oneshot_conn(
         if scope.cancelled_caught:
             log.debug("unix control connection sent nothing in %g s, closed", timeout)
             return
-    if not data:
-        return  # connected and left: costs nothing
-    handler.note_received()
+        if not data:
+            return  # connected and left: costs nothing
+        handler.note_received()  # (``first`` was counted where it was read)
     if len(data) >= CMD_BUFLEN:
         log.warning("unix control command too long (>= %d bytes), rejected", CMD_BUFLEN)
         cmd = b""

@@ -147,3 +147,39 @@ async def test_dispatcher_handle_now_takes_only_commands_that_never_wait(nursery
         assert d.handle_now(b"V") is None
     assert d.handle_now(b"D c f") == b"0\n"
     assert d.counters.ncmds_succd == 4 and d.counters.ncmds_errs == 1
+
+
+@attrs.define(eq=False)
+class CountingHandler(NowHandler):
+    """Replies with how many commands were counted when it ran (a G counts itself)."""
+
+    def handle_now(self, data: bytes, peer_host: str | None) -> bytes | None:
+        if not data.startswith(b"N"):
+            return None
+        return b"%d\n" % self.received
+
+    async def handle(self, data: bytes, peer_host: str | None) -> bytes:
+        return b"%d\n" % self.received
+
+
+async def test_unix_oneshot_counted_once_before_it_runs(nursery, tmp_path):
+    h = CountingHandler()
+    path = tmp_path / "ctl.sock"
+    with trio.fail_after(TIMEOUT), bind_control(parse_control_url(f"unix:{path}")) as bound:
+        await nursery.start(lambda task_status: serve(bound, h, task_status=task_status))
+        got = []
+        for cmd in (b"N1\n", b"S2\n", b"N3\n", b"S4\n"):  # fast path and task path
+            # connect and send with no checkpoint between: the request is
+            # there when the server accepts (its accept-time fast path)
+            raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            raw.connect(str(path))
+            raw.sendall(cmd)
+            s = trio.socket.from_stdlib_socket(raw)
+            reply = b""
+            while chunk := await s.recv(100):
+                reply += chunk
+            s.close()
+            got.append(reply)
+        assert got == [b"1\n", b"2\n", b"3\n", b"4\n"]
+        assert h.received == 4
+        nursery.cancel_scope.cancel()
